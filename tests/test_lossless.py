@@ -1,0 +1,79 @@
+"""Greedy output ids of `method: specextend` equal the target-only run's, for
+a batch of mixed lengths including prompts beyond the draft's positions."""
+
+import re
+
+import pytest
+
+from conftest import MIXED_PROMPT_LENGTHS, run_engine
+
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def target_only(tiny_pair, mixed_prompts, tmp_path_factory):
+    job = {"model": tiny_pair.target, "prompts": mixed_prompts, "max_tokens": MAX_NEW_TOKENS}
+    result, _ = run_engine(job, tmp_path_factory.mktemp("target_only"))
+    return result
+
+
+@pytest.fixture(scope="module")
+def specextend_run(tiny_pair, mixed_prompts, tmp_path_factory):
+    job = {
+        "model": tiny_pair.target,
+        "speculative_config": {
+            "method": "specextend",
+            "model": tiny_pair.draft,
+            "num_speculative_tokens": 4,
+            "chunk_size": 32,
+            "top_k_chunks": 16,
+            "refresh_every": 2,
+        },
+        "prompts": mixed_prompts,
+        "max_tokens": MAX_NEW_TOKENS,
+        "collect_worker_settings": True,
+    }
+    return run_engine(job, tmp_path_factory.mktemp("specextend"))
+
+
+def test_greedy_ids_equal_target_only(target_only, specextend_run):
+    result, _ = specextend_run
+    assert len(result["token_ids"]) == len(MIXED_PROMPT_LENGTHS)
+    for length, expected, got in zip(
+        MIXED_PROMPT_LENGTHS, target_only["token_ids"], result["token_ids"]
+    ):
+        assert len(got) == MAX_NEW_TOKENS
+        assert got == expected, f"prompt of {length} tokens diverged"
+
+
+def test_speculation_ran(specextend_run):
+    result, _ = specextend_run
+    counters = result["spec_decode"]
+    assert counters["vllm:spec_decode_num_drafts"] > 0
+    assert counters["vllm:spec_decode_num_draft_tokens"] > 0
+
+
+def test_settings_reach_engine_core_and_workers(specextend_run):
+    result, log = specextend_run
+    expected = {
+        "chunk_size": 32,
+        "top_k_chunks": 16,
+        "refresh_every": 2,
+    }
+    [worker_settings] = result["worker_settings"]  # one worker (TP=1)
+    assert {k: worker_settings[k] for k in expected} == expected
+    lines = log.splitlines()
+    # vLLM prefixes each line with its process: "(EngineCore pid=..)",
+    # "(VllmWorker-0 pid=..)" before the worker renames itself "(Worker pid=..)".
+    for process, prefix in (("engine core", r"\(EngineCore "), ("worker", r"\((Vllm)?Worker")):
+        from_process = [l for l in lines if re.match(prefix, l)]
+        loaded = [l for l in from_process if "vllm-specextend plugin loaded" in l]
+        settings = [
+            l for l in from_process
+            if f"SpecExtend settings ({process})" in l and "top_k_chunks=16" in l
+        ]
+        assert loaded, f"plugin did not load in the {process}"
+        assert len(settings) == 1, f"{process} logged its settings {len(settings)} times"
+    front = [l for l in lines if "SpecExtend settings (front end)" in l]
+    assert len(front) == 1
+    assert any("not implemented in this version" in l for l in lines)

@@ -1,0 +1,36 @@
+"""Everything that touches vLLM internals. When vLLM changes, this folder
+changes; `PATCHES` lists each replaced attribute."""
+
+from vllm_specextend.vllm_glue.engine_config import (
+    wrap_create_engine_config,
+    wrap_v2_runner_unsupported,
+)
+from vllm_specextend.vllm_glue.patching import Patch
+from vllm_specextend.vllm_glue.processes import wrap_init_with_settings
+
+PATCHES = [
+    Patch(
+        "vllm.engine.arg_utils",
+        "EngineArgs.create_engine_config",
+        wrap_create_engine_config,
+        "accept method 'specextend', validate its settings, run as draft_model",
+    ),
+    Patch(
+        "vllm.config.vllm",
+        "VllmConfig._get_v2_model_runner_unsupported_features",
+        wrap_v2_runner_unsupported,
+        "SpecExtend's runner hooks live in the V1 model runner",
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler",
+        "Scheduler.__init__",
+        wrap_init_with_settings("engine core"),
+        "give the engine core's scheduler its SpecExtend settings",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.__init__",
+        wrap_init_with_settings("worker"),
+        "give each model runner (CPU runner included) its SpecExtend settings",
+    ),
+]

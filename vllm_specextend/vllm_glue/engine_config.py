@@ -1,0 +1,125 @@
+"""Front end: turn `method: "specextend"` into a vLLM engine configuration.
+
+vLLM's SpeculativeConfig forbids unknown keys and knows no "specextend"
+method, so `EngineArgs.create_engine_config` is wrapped: our settings are
+split off and validated, carried to every process in
+`additional_config["specextend"]`, and the engine runs as `draft_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any
+
+from vllm_specextend.config import (
+    ADDITIONAL_CONFIG_KEY,
+    METHOD_NAME,
+    SpecExtendConfig,
+    split_speculative_config,
+)
+
+logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
+
+# vLLM's CPU platform picks 128-token blocks when the user sets none.
+CPU_DEFAULT_BLOCK_SIZE = 128
+UNDERLYING_METHOD = "draft_model"
+
+
+def _requested_method(engine_args: Any) -> str | None:
+    spec = engine_args.speculative_config or {}
+    return spec.get("method", engine_args.spec_method)
+
+
+def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
+    """Rewrite the engine args in place to run as draft_model; return ours."""
+    from vllm.config import SpeculativeConfig
+
+    vllm_fields = [f.name for f in dataclasses.fields(SpeculativeConfig)]
+    settings, rest = split_speculative_config(
+        engine_args.speculative_config or {}, vllm_fields
+    )
+    if engine_args.spec_method == METHOD_NAME:
+        engine_args.spec_method = UNDERLYING_METHOD
+    else:
+        rest["method"] = UNDERLYING_METHOD
+    engine_args.speculative_config = rest
+    engine_args.additional_config = {
+        **(engine_args.additional_config or {}),
+        ADDITIONAL_CONFIG_KEY: settings.model_dump(),
+    }
+    if engine_args.block_size is None and _is_cpu():
+        # Chunks must be whole KV blocks; keep the CPU kernel's 32-multiple.
+        engine_args.block_size = math.gcd(CPU_DEFAULT_BLOCK_SIZE, settings.chunk_size)
+    return settings
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
+    spec = vllm_config.speculative_config
+    draft_hf = spec.draft_model_config.hf_config
+    settings.check_fits_engine(
+        block_size=vllm_config.cache_config.block_size,
+        draft_max_positions=draft_hf.max_position_embeddings,
+        num_speculative_tokens=spec.num_speculative_tokens,
+        draft_model_type=draft_hf.model_type,
+    )
+
+
+def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
+    """Log the settings this process runs with; None if SpecExtend is off."""
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if raw is None:
+        return None
+    settings = SpecExtendConfig.from_settings(raw)
+    spec = vllm_config.speculative_config
+    logger.info(
+        "SpecExtend settings (%s): %s draft=%s num_speculative_tokens=%d "
+        "block_size=%d",
+        where,
+        settings.summary(spec.num_speculative_tokens),
+        spec.draft_model_config.model,
+        spec.num_speculative_tokens,
+        vllm_config.cache_config.block_size,
+    )
+    return settings
+
+
+def wrap_create_engine_config(original):
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        if _requested_method(self) != METHOD_NAME:
+            return original(self, *args, **kwargs)
+        settings = _take_specextend_settings(self)
+        vllm_config = original(self, *args, **kwargs)
+        check_engine_fit(settings, vllm_config)
+        log_settings("front end", vllm_config)
+        logger.warning(
+            "SpecExtend: Cross-model Retrieval and Hybrid Tree Attention are not "
+            "implemented in this version; requests run vLLM's own draft-model "
+            "speculation with the full draft context."
+        )
+        return vllm_config
+
+    return create_engine_config
+
+
+def wrap_v2_runner_unsupported(original):
+    """Our runner hooks live in the V1 model runner: make vLLM pick it, as it
+    does itself for methods the V2 runner does not support."""
+
+    @functools.wraps(original)
+    def unsupported_features(self):
+        unsupported = original(self)
+        if ADDITIONAL_CONFIG_KEY in (self.additional_config or {}):
+            unsupported.append(f"speculative method '{METHOD_NAME}'")
+        return unsupported
+
+    return unsupported_features

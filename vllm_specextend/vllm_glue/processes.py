@@ -1,0 +1,26 @@
+"""Engine-core and worker processes: pick up the settings sent with the
+VllmConfig, log them once, and keep them where later hooks find them."""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_specextend.vllm_glue.engine_config import log_settings
+
+
+def wrap_init_with_settings(where: str):
+    """Wrap an `__init__(self, vllm_config, ...)` to attach our settings.
+
+    The engine core loads plugins inside `EngineCore.__init__`, so the first
+    hook there is the scheduler it builds next."""
+
+    def wrap(original):
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            vllm_config = kwargs.get("vllm_config") or args[0]
+            self.specextend_config = log_settings(where, vllm_config)
+
+        return __init__
+
+    return wrap
