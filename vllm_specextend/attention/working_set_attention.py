@@ -1,0 +1,171 @@
+"""The draft's attention over its working set, at compact positions.
+
+As in the SpecExtend reference, the draft's keys are cached *un-rotated* at
+their true slots; at read time each row's keys (its working set, in position
+order, ending with the row's own query tokens) are rotated at compact
+positions 0..n-1 and its queries at the positions of their own keys, so the
+draft never sees a position past its working set, whatever the true one.
+
+A "row" is one request, or one piece of a request's prefill (the glue cuts a
+long prefill into pieces, each with its own sliding window of keys).
+RoPE is the NeoX (rotate-half) form over the whole head, as Llama and Qwen use;
+`cos_sin` is vLLM's rotary cache layout: [max_positions, head_dim] with the
+cosines in the first half and the sines in the second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """NeoX RoPE of x [..., n, heads, head_dim] at positions [..., n]."""
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin[positions].float().split(half, dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.float().split(half, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _slots(block_table_row: torch.Tensor, positions: torch.Tensor, block_size: int):
+    return block_table_row[positions // block_size].long() * block_size + positions % block_size
+
+
+def working_set_attention_reference(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], un-rotated
+    key_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim], un-rotated
+    value_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [rows, max_blocks]
+    query_start_loc: torch.Tensor,  # [rows + 1]
+    key_positions: torch.Tensor,  # [rows, max_keys] true positions, in order
+    num_keys: torch.Tensor,  # [rows]
+    cos_sin: torch.Tensor,  # [max_positions, head_dim]
+    block_size: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the output [num_tokens, num_heads, head_dim] and the
+    log-sum-exp [num_tokens, num_heads] of each query's attention."""
+    num_tokens, num_heads, head_dim = query.shape
+    group = num_heads // key_cache.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32,
+                      device=query.device)
+    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
+    for row in range(block_tables.shape[0]):
+        start, end = int(query_start_loc[row]), int(query_start_loc[row + 1])
+        n = int(num_keys[row])
+        assert n <= cos_sin.shape[0], "working set exceeds the draft's positions"
+        slots = _slots(block_tables[row], key_positions[row, :n], block_size)
+        compact = torch.arange(n, device=query.device)
+        keys = rotate(key_cache[slots], compact, cos_sin).repeat_interleave(group, dim=1)
+        values = value_cache[slots].float().repeat_interleave(group, dim=1)
+        query_compact = compact[n - (end - start):]
+        q = rotate(query[start:end], query_compact, cos_sin)
+        logits = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        causal = compact[None, :] <= query_compact[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        lse[start:end] = logits.logsumexp(dim=-1).transpose(0, 1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", logits.softmax(dim=-1), values)
+    return out.to(query.dtype), lse
+
+
+@triton.jit
+def _rotated_halves(x1, x2, cos, sin):
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _working_set_attention_kernel(
+    query, key_cache, value_cache, block_tables, query_start_loc, token_rows,
+    key_positions, num_keys, cos_sin, out, lse,
+    stride_q_token, stride_q_head, stride_slot, stride_kv_head, stride_table,
+    stride_keys, stride_cos, stride_o_token, stride_o_head,
+    block_size, num_heads, group_size, scale,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(token_rows + token)
+    query_len = tl.load(query_start_loc + row + 1) - tl.load(query_start_loc + row)
+    n = tl.load(num_keys + row)
+    # The query sits at its own key's compact position; it sees keys <= it.
+    query_pos = n - query_len + (token - tl.load(query_start_loc + row))
+    half = tl.arange(0, HALF)
+    q_base = query + token * stride_q_token + head * stride_q_head
+    q1 = tl.load(q_base + half).to(tl.float32)
+    q2 = tl.load(q_base + HALF + half).to(tl.float32)
+    q1, q2 = _rotated_halves(q1, q2, tl.load(cos_sin + query_pos * stride_cos + half),
+                             tl.load(cos_sin + query_pos * stride_cos + HALF + half))
+    kv_head = head // group_size
+    running_max = float("-inf")
+    running_sum = 0.0
+    acc1 = tl.zeros((HALF,), dtype=tl.float32)
+    acc2 = tl.zeros((HALF,), dtype=tl.float32)
+    for start in range(0, query_pos + 1, BLOCK_N):
+        compact = start + tl.arange(0, BLOCK_N)
+        valid = compact <= query_pos
+        positions = tl.load(key_positions + row * stride_keys + compact, mask=valid, other=0)
+        block = tl.load(block_tables + row * stride_table + positions // block_size,
+                        mask=valid, other=0).to(tl.int64)
+        slots = block * block_size + positions % block_size
+        k_base = key_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
+        k1 = tl.load(k_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(k_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        cos = tl.load(cos_sin + compact[:, None] * stride_cos + half[None, :],
+                      mask=valid[:, None], other=1.0)
+        sin = tl.load(cos_sin + compact[:, None] * stride_cos + HALF + half[None, :],
+                      mask=valid[:, None], other=0.0)
+        k1, k2 = _rotated_halves(k1, k2, cos, sin)
+        logits = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
+        logits = tl.where(valid, logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+        correction = tl.exp(running_max - new_max)
+        probs = tl.exp(logits - new_max)
+        v_base = value_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
+        v1 = tl.load(v_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        v2 = tl.load(v_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        acc1 = acc1 * correction + tl.sum(probs[:, None] * v1, axis=0)
+        acc2 = acc2 * correction + tl.sum(probs[:, None] * v2, axis=0)
+        running_sum = running_sum * correction + tl.sum(probs, axis=0)
+        running_max = new_max
+    o_base = out + token * stride_o_token + head * stride_o_head
+    tl.store(o_base + half, (acc1 / running_sum).to(out.dtype.element_ty))
+    tl.store(o_base + HALF + half, (acc2 / running_sum).to(out.dtype.element_ty))
+    tl.store(lse + token * num_heads + head, running_max + tl.log(running_sum))
+
+
+def token_rows_of(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Row index of every query token (plan step: once per forward)."""
+    tokens = torch.arange(num_tokens, device=query_start_loc.device)
+    return (torch.searchsorted(query_start_loc[1:], tokens, right=True)).to(torch.int32)
+
+
+def working_set_attention(
+    query, key_cache, value_cache, block_tables, query_start_loc, key_positions,
+    num_keys, cos_sin, block_size, scale=None, token_rows=None,
+):
+    """Triton version of `working_set_attention_reference` (same arguments;
+    `token_rows` from `token_rows_of` may be passed in when reused)."""
+    num_tokens, num_heads, head_dim = query.shape
+    assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, (
+        "the working-set kernel needs a power-of-two head_dim")
+    assert key_cache.stride(2) == 1 and query.stride(2) == 1 and cos_sin.stride(1) == 1
+    assert value_cache.stride() == key_cache.stride()
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    if token_rows is None:
+        token_rows = token_rows_of(query_start_loc, num_tokens)
+    out = torch.empty_like(query)
+    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
+    _working_set_attention_kernel[(num_tokens, num_heads)](
+        query, key_cache, value_cache, block_tables, query_start_loc, token_rows,
+        key_positions, num_keys, cos_sin, out, lse,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        block_tables.stride(0), key_positions.stride(0), cos_sin.stride(0),
+        out.stride(0), out.stride(1), block_size, num_heads,
+        num_heads // key_cache.shape[1], scale, HALF=head_dim // 2, BLOCK_N=32,
+    )
+    return out, lse

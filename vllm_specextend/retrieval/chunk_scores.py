@@ -1,0 +1,162 @@
+"""Chunk scores for Cross-model Retrieval (SpecExtend section 3.2).
+
+The target's final-layer query of each request's last accepted token attends
+over the whole context; the softmax is averaged over heads, and each chunk of
+`chunk_size` tokens scores the mean of its tokens' probabilities.
+
+Keys are read through each request's block table from a key cache viewed as
+`[num_slots, num_kv_heads, head_dim]` (slot = block * block_size + offset),
+so the same code reads vLLM's paged layout or a plain mirror of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def context_slots(block_table: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
+    """Slots of positions 0..num_tokens-1 for each row of a block table."""
+    positions = torch.arange(num_tokens, device=block_table.device)
+    blocks = block_table[:, positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
+def chunk_scores_reference(
+    query: torch.Tensor,  # [batch, num_heads, head_dim], post-RoPE
+    key_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [batch, max_blocks]
+    context_lens: torch.Tensor,  # [batch]
+    block_size: int,
+    chunk_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """[batch, max_chunks] float32; chunks past a request's context: -inf."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    max_len = int(context_lens.max())
+    max_chunks = triton.cdiv(max_len, chunk_size)
+    scores = torch.full((batch, max_chunks), float("-inf"), dtype=torch.float32,
+                        device=query.device)
+    for row in range(batch):
+        length = int(context_lens[row])
+        keys = key_cache[context_slots(block_table[row : row + 1], length, block_size)[0]]
+        keys = keys.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        logits = torch.einsum("hd,thd->ht", query[row].float(), keys) * scale
+        probs = logits.softmax(dim=-1).mean(dim=0)  # [length]
+        num_chunks = triton.cdiv(length, chunk_size)
+        padded = torch.zeros(num_chunks * chunk_size, device=query.device)
+        padded[:length] = probs
+        chunk_lens = torch.full((num_chunks,), chunk_size, device=query.device)
+        chunk_lens[-1] = length - (num_chunks - 1) * chunk_size
+        scores[row, :num_chunks] = padded.view(num_chunks, chunk_size).sum(-1) / chunk_lens
+    return scores
+
+
+@triton.jit
+def _load_key_tile(key_cache, block_table, row, positions, limit, kv_head, dims,
+                   head_dim, stride_slot, stride_head, stride_table, block_size):
+    """Keys at `positions` (those below `limit`) through the block table."""
+    valid = positions < limit
+    block = tl.load(block_table + row * stride_table + positions // block_size,
+                    mask=valid, other=0).to(tl.int64)
+    slots = block * block_size + positions % block_size
+    keys = tl.load(key_cache + slots[:, None] * stride_slot + kv_head * stride_head
+                   + dims[None, :], mask=valid[:, None] & (dims[None, :] < head_dim),
+                   other=0.0)
+    return keys.to(tl.float32), valid
+
+
+@triton.jit
+def _softmax_lse_kernel(query, key_cache, block_table, context_lens, lse,
+                        stride_q_row, stride_q_head, stride_slot, stride_head,
+                        stride_table, block_size, group_size, scale, head_dim,
+                        HEAD_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1: log-sum-exp of the scaled logits over the context, per head."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    length = tl.load(context_lens + row)
+    dims = tl.arange(0, HEAD_TILE)
+    q = tl.load(query + row * stride_q_row + head * stride_q_head + dims,
+                mask=dims < head_dim, other=0.0).to(tl.float32)
+    running_max = float("-inf")
+    running_sum = 0.0
+    for start in range(0, length, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        keys, valid = _load_key_tile(key_cache, block_table, row, positions, length,
+                                     head // group_size, dims, head_dim, stride_slot,
+                                     stride_head, stride_table, block_size)
+        logits = tl.where(valid, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+            tl.exp(logits - new_max), axis=0)
+        running_max = new_max
+    tl.store(lse + row * tl.num_programs(1) + head, running_max + tl.log(running_sum))
+
+
+@triton.jit
+def _chunk_scores_kernel(query, key_cache, block_table, context_lens, lse, scores,
+                         stride_q_row, stride_q_head, stride_slot, stride_head,
+                         stride_table, stride_scores, block_size, num_heads, group_size,
+                         scale, head_dim, chunk_size,
+                         HEAD_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr):
+    """Pass 2: head-averaged probabilities, mean over each chunk's tokens."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    length = tl.load(context_lens + row)
+    start = chunk * chunk_size
+    if start < length:
+        dims = tl.arange(0, HEAD_TILE)
+        positions = start + tl.arange(0, CHUNK_TILE)
+        limit = tl.minimum(length, start + chunk_size)
+        total = tl.zeros((CHUNK_TILE,), dtype=tl.float32)
+        for head in range(0, num_heads):
+            keys, valid = _load_key_tile(key_cache, block_table, row, positions, limit,
+                                         head // group_size, dims, head_dim, stride_slot,
+                                         stride_head, stride_table, block_size)
+            q = tl.load(query + row * stride_q_row + head * stride_q_head + dims,
+                        mask=dims < head_dim, other=0.0).to(tl.float32)
+            head_lse = tl.load(lse + row * num_heads + head)
+            logits = tl.sum(keys * q[None, :], axis=1) * scale
+            total += tl.where(valid, tl.exp(logits - head_lse), 0.0)
+        chunk_len = limit - start
+        tl.store(scores + row * stride_scores + chunk,
+                 tl.sum(total, axis=0) / (num_heads * chunk_len))
+
+
+def chunk_scores(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    chunk_size: int,
+    max_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton version of `chunk_scores_reference`. `max_len` bounds the
+    context lengths (passed in so the call needs no host sync)."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[1]
+    assert key_cache.stride(2) == 1 and query.stride(2) == 1
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    max_chunks = triton.cdiv(max_len, chunk_size)
+    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=query.device)
+    scores = torch.full((batch, max_chunks), float("-inf"), dtype=torch.float32,
+                        device=query.device)
+    common = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+              block_table.stride(0))
+    _softmax_lse_kernel[(batch, num_heads)](
+        query, key_cache, block_table, context_lens, lse, *common, block_size,
+        num_heads // num_kv_heads, scale, head_dim,
+        HEAD_TILE=triton.next_power_of_2(head_dim), BLOCK_N=64)
+    _chunk_scores_kernel[(batch, max_chunks)](
+        query, key_cache, block_table, context_lens, lse, scores, *common,
+        scores.stride(0), block_size, num_heads, num_heads // num_kv_heads, scale,
+        head_dim, chunk_size, HEAD_TILE=triton.next_power_of_2(head_dim),
+        CHUNK_TILE=triton.next_power_of_2(chunk_size))
+    return scores
