@@ -32,6 +32,7 @@ def mixed_prompts():
 def run_engine(job: dict, tmp_path: Path) -> tuple[dict, str]:
     """Run tests/engine_job.py on `job` in a fresh process; return its result
     and its combined log."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
     job_path.write_text(json.dumps(job))
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}

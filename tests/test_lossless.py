@@ -76,4 +76,4 @@ def test_settings_reach_engine_core_and_workers(specextend_run):
         assert len(settings) == 1, f"{process} logged its settings {len(settings)} times"
     front = [l for l in lines if "SpecExtend settings (front end)" in l]
     assert len(front) == 1
-    assert any("not implemented in this version" in l for l in lines)
+    assert any("retrieval scoring and Hybrid Tree Attention are not wired" in l for l in lines)

@@ -1,6 +1,10 @@
 """Everything that touches vLLM internals. When vLLM changes, this folder
 changes; `PATCHES` lists each replaced attribute."""
 
+from vllm_specextend.vllm_glue.draft_model import (
+    wrap_input_fits_in_drafter,
+    wrap_proposer_load_model,
+)
 from vllm_specextend.vllm_glue.engine_config import (
     wrap_create_engine_config,
     wrap_v2_runner_unsupported,
@@ -32,5 +36,17 @@ PATCHES = [
         "GPUModelRunner.__init__",
         wrap_init_with_settings("worker"),
         "give each model runner (CPU runner included) its SpecExtend settings",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.load_model",
+        wrap_proposer_load_model,
+        "draft attention at compact positions over a bounded window",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._input_fits_in_drafter",
+        wrap_input_fits_in_drafter,
+        "draft for requests longer than the draft's positions",
     ),
 ]

@@ -102,9 +102,13 @@ def wrap_create_engine_config(original):
         check_engine_fit(settings, vllm_config)
         log_settings("front end", vllm_config)
         logger.warning(
-            "SpecExtend: Cross-model Retrieval and Hybrid Tree Attention are not "
-            "implemented in this version; requests run vLLM's own draft-model "
-            "speculation with the full draft context."
+            "SpecExtend: retrieval scoring and Hybrid Tree Attention are not wired "
+            "in this version; %s",
+            "the draft attends to the newest %d tokens at compact positions "
+            "(CMR's choice before its first scores)"
+            % settings.working_cache_budget(vllm_config.speculative_config.num_speculative_tokens)
+            if settings.retrieval
+            else "retrieval=false: the draft sees the full context (stock draft_model)",
         )
         return vllm_config
 

@@ -1,0 +1,73 @@
+"""Which keys each draft query attends to, as rows for working-set attention.
+
+A draft forward carries, per request, a block of new query tokens at true
+positions [first, first + query_len). Each block is cut into pieces of at
+most `piece_len` tokens (a long prompt's prefill, chunk by chunk); a piece
+attends to its own tokens and to the `window` positions before it. With
+`window + piece_len <= draft_max_positions` every compact position the draft
+sees stays inside its trained range, whatever the prompt length.
+
+We chose a sliding window for the draft's prefill (rather than retrieval)
+because the target has not scored a prompt before its first decode step.
+Until target scores are wired in, decode rows use the same window: the
+newest chunks, which is what CMR uses before its first scores exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftRows:
+    """Plan of one draft forward for `working_set_attention` (built once,
+    shared by every draft layer)."""
+
+    block_tables: torch.Tensor  # [rows, max_blocks]
+    query_start_loc: torch.Tensor  # [rows + 1]
+    key_positions: torch.Tensor  # [rows, max_keys] true positions, in order
+    num_keys: torch.Tensor  # [rows]
+
+
+def plan_draft_rows(
+    query_start_loc: torch.Tensor,  # [batch + 1]
+    seq_lens: torch.Tensor,  # [batch], including this forward's query tokens
+    block_table: torch.Tensor,  # [batch, max_blocks]
+    window: int,
+    piece_len: int,
+    draft_max_positions: int,
+) -> DraftRows:
+    if window + piece_len > draft_max_positions:
+        raise ValueError(
+            f"draft rows of window {window} + piece {piece_len} exceed the draft's "
+            f"{draft_max_positions} positions"
+        )
+    device = query_start_loc.device
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    first_positions = seq_lens.long() - query_lens
+    pieces = ((query_lens + piece_len - 1) // piece_len).clamp(min=1)
+    row_request = torch.repeat_interleave(torch.arange(len(pieces), device=device), pieces)
+    first_row = torch.cumsum(pieces, 0) - pieces
+    piece_index = torch.arange(len(row_request), device=device) - first_row[row_request]
+    row_start = query_start_loc[:-1].long()[row_request] + piece_index * piece_len
+    row_end = torch.minimum(row_start + piece_len, query_start_loc[1:].long()[row_request])
+    row_first = first_positions[row_request] + piece_index * piece_len
+    row_len = row_end - row_start
+    window_start = (row_first - window).clamp(min=0)
+    num_older = row_first - window_start
+
+    max_keys = window + piece_len
+    offsets = torch.arange(max_keys, device=device)
+    key_positions = window_start[:, None] + offsets[None, :]
+    num_keys = num_older + row_len
+    if bool((num_keys > draft_max_positions).any()):
+        raise AssertionError("a draft row would see a position past the draft's range")
+    key_positions = torch.where(offsets[None, :] < num_keys[:, None], key_positions, 0)
+    return DraftRows(
+        block_tables=block_table[row_request],
+        query_start_loc=torch.cat((row_start, row_end[-1:])).to(torch.int32),
+        key_positions=key_positions,
+        num_keys=num_keys.to(torch.int32),
+    )

@@ -1,0 +1,170 @@
+"""Draft side of SpecExtend inside vLLM's draft-model proposer (V1 runner).
+
+After the proposer loads the draft, each draft attention module gets a
+rotary embedding that leaves q and k un-rotated, and its attention
+implementation is replaced: keys and values are stored un-rotated at their
+true slots (slots come from true positions and the shared block table, as
+vLLM computes them), in plain per-layer buffers because the CPU cache layout
+is packed; attention then reads each request's rows (`plan_draft_rows`) at
+compact positions (`working_set_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from vllm_specextend.attention.working_set_attention import (
+    working_set_attention,
+    working_set_attention_reference,
+)
+from vllm_specextend.config import SpecExtendConfig
+from vllm_specextend.retrieval.draft_rows import DraftRows, plan_draft_rows
+
+logger = logging.getLogger("vllm.specextend")
+
+
+class UnrotatedPositions(nn.Module):
+    """Stands in for a draft layer's rotary embedding: RoPE is applied at
+    read time, at compact positions."""
+
+    def forward(self, positions, query, key):
+        return query, key
+
+
+class DraftRowPlanner:
+    """Builds the rows of one draft forward once; every layer reuses them."""
+
+    def __init__(self, window: int, piece_len: int, draft_max_positions: int):
+        self.window = window
+        self.piece_len = piece_len
+        self.draft_max_positions = draft_max_positions
+        self._metadata = None
+        self._rows: DraftRows | None = None
+
+    def rows_for(self, attn_metadata) -> DraftRows:
+        if attn_metadata is not self._metadata:
+            self._rows = plan_draft_rows(
+                attn_metadata.query_start_loc,
+                attn_metadata.seq_lens,
+                attn_metadata.block_table,
+                self.window,
+                self.piece_len,
+                self.draft_max_positions,
+            )
+            self._metadata = attn_metadata
+        return self._rows
+
+
+class CompactDraftAttention:
+    """Replaces one draft layer's `impl.forward`."""
+
+    def __init__(self, impl, cos_sin: torch.Tensor, block_size: int, planner: DraftRowPlanner):
+        self.impl = impl
+        self.cos_sin = cos_sin
+        self.block_size = block_size
+        self.planner = planner
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def _buffers(self, kv_cache: torch.Tensor, key: torch.Tensor):
+        if self.key_buffer is None:
+            num_kv_heads, head_dim = key.shape[1], key.shape[2]
+            num_slots = kv_cache.numel() // (2 * num_kv_heads * head_dim)
+            shape = (num_slots, num_kv_heads, head_dim)
+            self.key_buffer = torch.zeros(shape, dtype=key.dtype, device=key.device)
+            self.value_buffer = torch.zeros(shape, dtype=key.dtype, device=key.device)
+        return self.key_buffer, self.value_buffer
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        num_tokens = attn_metadata.num_actual_tokens
+        key_buffer, value_buffer = self._buffers(kv_cache, key)
+        slots = attn_metadata.slot_mapping[:num_tokens].long()
+        written = slots >= 0
+        key_buffer[slots[written]] = key[:num_tokens][written]
+        value_buffer[slots[written]] = value[:num_tokens][written]
+        rows = self.planner.rows_for(attn_metadata)
+        attend = working_set_attention if query.is_cuda else working_set_attention_reference
+        out, _ = attend(
+            query[:num_tokens], key_buffer, value_buffer, rows.block_tables,
+            rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
+            self.block_size, scale=self.impl.scale,
+        )
+        output[:num_tokens] = out.reshape(output[:num_tokens].shape).to(output.dtype)
+        return output
+
+
+def _rotary_cos_sin(rotary_emb, head_dim: int) -> torch.Tensor:
+    if not getattr(rotary_emb, "is_neox_style", False) or rotary_emb.rotary_dim != head_dim:
+        raise ValueError(
+            "speculative_config.model: SpecExtend needs a draft with full-head "
+            "NeoX-style rotary embeddings (Llama, Qwen2, Mistral)"
+        )
+    return rotary_emb.cos_sin_cache
+
+
+def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig,
+                              num_speculative_tokens: int, block_size: int,
+                              draft_max_positions: int) -> int:
+    """Rewire every attention module of the draft; returns how many."""
+    window = settings.working_cache_budget(num_speculative_tokens)
+    planner = DraftRowPlanner(window, draft_max_positions - window, draft_max_positions)
+    count = 0
+    for module in draft_model.modules():
+        if not (hasattr(module, "rotary_emb") and hasattr(module, "attn")):
+            continue
+        impl = module.attn.impl
+        cos_sin = _rotary_cos_sin(module.rotary_emb, module.attn.head_size)
+        module.rotary_emb = UnrotatedPositions()
+        compact = CompactDraftAttention(impl, cos_sin, block_size, planner)
+        impl.forward = compact.forward
+        count += 1
+    if count == 0:
+        raise ValueError("speculative_config.model: no rotary attention layers found in the draft")
+    return count
+
+
+def _settings_of(vllm_config) -> SpecExtendConfig | None:
+    from vllm_specextend.config import ADDITIONAL_CONFIG_KEY
+
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    return None if raw is None else SpecExtendConfig.from_settings(raw)
+
+
+def wrap_proposer_load_model(original):
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        settings = _settings_of(self.vllm_config)
+        if settings is None or not settings.retrieval:
+            return
+        spec = self.vllm_config.speculative_config
+        draft_max = spec.draft_model_config.hf_config.max_position_embeddings
+        layers = install_compact_attention(
+            self.model, settings, spec.num_speculative_tokens,
+            self.vllm_config.cache_config.block_size, draft_max,
+        )
+        logger.info("SpecExtend: draft attends at compact positions (%d layers, "
+                    "window %d, draft positions %d)", layers,
+                    settings.working_cache_budget(spec.num_speculative_tokens), draft_max)
+
+    return load_model
+
+
+def wrap_input_fits_in_drafter(original):
+    """vLLM skips drafting for a whole batch when one request is longer than
+    the draft's positions; with compact positions the draft takes any length."""
+
+    @functools.wraps(original)
+    def input_fits_in_drafter(self, common_attn_metadata):
+        settings = getattr(self, "specextend_config", None)
+        if settings is not None and settings.retrieval:
+            return common_attn_metadata is not None
+        return original(self, common_attn_metadata)
+
+    return input_fits_in_drafter
