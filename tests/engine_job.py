@@ -46,6 +46,9 @@ def main(job_path: str, result_path: str) -> None:
     }
     if job.get("collect_worker_settings"):
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
+    if "draft_probe" in job:
+        [result["draft_probe_logits"]] = llm.collective_rpc(
+            _draft_logits_under_fixed_working_set, args=(job["draft_probe"],))
     with open(result_path, "w") as f:
         json.dump(result, f)
 
@@ -53,6 +56,47 @@ def main(job_path: str, result_path: str) -> None:
 def _runner_settings(worker):
     settings = getattr(worker.model_runner, "specextend_config", None)
     return None if settings is None else settings.model_dump()
+
+
+def _draft_logits_under_fixed_working_set(worker, probe):
+    """Inside the worker, after generation: run vLLM's draft model (with the
+    plugin's attention) over `token_ids[:-1]` as a prefill, then decode the
+    last token with a fixed working set; return that token's draft logits."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.forward_context import set_forward_context
+
+    from vllm_specextend.retrieval.working_set import WorkingSets
+
+    drafter = worker.model_runner.drafter
+    token_ids = torch.tensor(probe["token_ids"])
+    context_len = len(token_ids) - 1
+    block_size = worker.vllm_config.cache_config.block_size
+    block_table = torch.arange(-(-len(token_ids) // block_size), dtype=torch.int32)[None]
+
+    @torch.inference_mode()  # the engine's buffers are inference tensors
+    def draft_forward(start, end):
+        count = end - start
+        metadata = SimpleNamespace(
+            num_actual_tokens=count, slot_mapping=torch.arange(start, end),
+            query_start_loc=torch.tensor([0, count], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32), block_table=block_table,
+            max_seq_len=end)
+        with set_forward_context(metadata, drafter.vllm_config, num_tokens=count, slot_mapping={}):
+            hidden = drafter.model(input_ids=token_ids[start:end],
+                                   positions=torch.arange(start, end))
+        return drafter.model.compute_logits(hidden[-1:])
+
+    draft_forward(0, context_len)  # writes the context's draft K/V at true slots
+    planner = drafter.specextend_planner
+    planner.working_sets = WorkingSets(
+        torch.tensor(probe["kept_chunks"])[None], torch.tensor([probe["window_start"]]),
+        probe["chunk_size"])
+    try:
+        return draft_forward(context_len, context_len + 1)[0].tolist()
+    finally:
+        planner.working_sets = None
 
 
 if __name__ == "__main__":

@@ -52,3 +52,14 @@ def test_never_past_the_draft_range():
 def test_rejects_window_past_the_draft_range():
     with pytest.raises(ValueError, match="exceed the draft's 12 positions"):
         plan([1], [5], window=10, piece_len=4, draft_max=12)
+
+
+def test_decode_block_follows_its_working_set():
+    qsl = torch.tensor([0, 2, 6], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 4], dtype=torch.int32)  # decode block; short prefill
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    set_positions = torch.tensor([[0, 1, 2, 3, 20, 21, 30, 31], [0] * 8])
+    set_counts = torch.tensor([6, 0])
+    rows = plan_draft_rows(qsl, seq_lens, table, 8, 4, 12, (set_positions, set_counts))
+    assert keys(rows, 0) == [0, 1, 2, 3, 20, 21, 38, 39]  # the set, then its own queries
+    assert keys(rows, 1) == [0, 1, 2, 3]  # no set: the window (its whole context)

@@ -17,27 +17,32 @@ def target_only(tiny_pair, mixed_prompts, tmp_path_factory):
     return result
 
 
-@pytest.fixture(scope="module")
-def specextend_run(tiny_pair, mixed_prompts, tmp_path_factory):
+# A small working cache (4 x 32 + 64 + refresh x 5 tokens, at most 232) so
+# the 1,500..3,000-token prompts are over 4x past it and 100 is below it.
+SMALL_BUDGET = {"chunk_size": 32, "top_k_chunks": 4, "recent_tokens": 64}
+
+
+@pytest.fixture(scope="module", params=[1, 8], ids=lambda n: f"refresh_every={n}")
+def specextend_run(request, tiny_pair, mixed_prompts, tmp_path_factory):
     job = {
         "model": tiny_pair.target,
         "speculative_config": {
             "method": "specextend",
             "model": tiny_pair.draft,
             "num_speculative_tokens": 4,
-            "chunk_size": 32,
-            "top_k_chunks": 16,
-            "refresh_every": 2,
+            "refresh_every": request.param,
+            **SMALL_BUDGET,
         },
         "prompts": mixed_prompts,
         "max_tokens": MAX_NEW_TOKENS,
         "collect_worker_settings": True,
     }
-    return run_engine(job, tmp_path_factory.mktemp("specextend"))
+    result, log = run_engine(job, tmp_path_factory.mktemp("specextend"))
+    return result, log, request.param
 
 
 def test_greedy_ids_equal_target_only(target_only, specextend_run):
-    result, _ = specextend_run
+    result, _, _ = specextend_run
     assert len(result["token_ids"]) == len(MIXED_PROMPT_LENGTHS)
     for length, expected, got in zip(
         MIXED_PROMPT_LENGTHS, target_only["token_ids"], result["token_ids"]
@@ -46,20 +51,19 @@ def test_greedy_ids_equal_target_only(target_only, specextend_run):
         assert got == expected, f"prompt of {length} tokens diverged"
 
 
-def test_speculation_ran(specextend_run):
-    result, _ = specextend_run
+def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
+    result, log, refresh_every = specextend_run
     counters = result["spec_decode"]
     assert counters["vllm:spec_decode_num_drafts"] > 0
-    assert counters["vllm:spec_decode_num_draft_tokens"] > 0
+    assert counters["vllm:spec_decode_num_accepted_tokens"] > 0
+    # Prompts past the working cache (4 x 32 + 64 + refresh x 5) got working sets.
+    budget = 4 * 32 + 64 + refresh_every * 5
+    assert re.search(rf"first working sets selected \(\d+ of \d+ requests past {budget} tokens\)", log)
 
 
 def test_settings_reach_engine_core_and_workers(specextend_run):
-    result, log = specextend_run
-    expected = {
-        "chunk_size": 32,
-        "top_k_chunks": 16,
-        "refresh_every": 2,
-    }
+    result, log, refresh_every = specextend_run
+    expected = {**SMALL_BUDGET, "refresh_every": refresh_every}
     [worker_settings] = result["worker_settings"]  # one worker (TP=1)
     assert {k: worker_settings[k] for k in expected} == expected
     lines = log.splitlines()
@@ -70,10 +74,10 @@ def test_settings_reach_engine_core_and_workers(specextend_run):
         loaded = [l for l in from_process if "vllm-specextend plugin loaded" in l]
         settings = [
             l for l in from_process
-            if f"SpecExtend settings ({process})" in l and "top_k_chunks=16" in l
+            if f"SpecExtend settings ({process})" in l and "top_k_chunks=4" in l
         ]
         assert loaded, f"plugin did not load in the {process}"
         assert len(settings) == 1, f"{process} logged its settings {len(settings)} times"
     front = [l for l in lines if "SpecExtend settings (front end)" in l]
     assert len(front) == 1
-    assert any("retrieval scoring and Hybrid Tree Attention are not wired" in l for l in lines)
+    assert any("Cross-model Retrieval on; Hybrid Tree Attention" in l for l in lines)

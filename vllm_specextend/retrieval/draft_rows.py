@@ -9,8 +9,9 @@ sees stays inside its trained range, whatever the prompt length.
 
 We chose a sliding window for the draft's prefill (rather than retrieval)
 because the target has not scored a prompt before its first decode step.
-Until target scores are wired in, decode rows use the same window: the
-newest chunks, which is what CMR uses before its first scores exist.
+Decode rows of a request with a working set (`working_set_keys`) attend to
+it; without one (before its first scores) they use the window: the newest
+chunks, as CMR does before its first scores exist.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def plan_draft_rows(
     window: int,
     piece_len: int,
     draft_max_positions: int,
+    working_set_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DraftRows:
+    """`working_set_keys` = (positions [batch, n], counts [batch]): each
+    request's working-set positions before its query block. A decode block
+    (one piece) of a request with count > 0 attends to those instead of the
+    window."""
     if window + piece_len > draft_max_positions:
         raise ValueError(
             f"draft rows of window {window} + piece {piece_len} exceed the draft's "
@@ -61,6 +67,17 @@ def plan_draft_rows(
     max_keys = window + piece_len
     offsets = torch.arange(max_keys, device=device)
     key_positions = window_start[:, None] + offsets[None, :]
+    if working_set_keys is not None:
+        set_positions, set_counts = working_set_keys
+        counts = set_counts.long()[row_request]
+        use_set = (counts > 0) & (pieces[row_request] == 1)
+        own = row_first[:, None] + offsets[None, :] - counts[:, None]
+        take = min(set_positions.shape[1], max_keys)
+        retrieved = torch.zeros_like(key_positions)
+        retrieved[:, :take] = set_positions[row_request, :take]
+        retrieved = torch.where(offsets[None, :] < counts[:, None], retrieved, own)
+        key_positions = torch.where(use_set[:, None], retrieved, key_positions)
+        num_older = torch.where(use_set, counts, num_older)
     num_keys = num_older + row_len
     if bool((num_keys > draft_max_positions).any()):
         raise AssertionError("a draft row would see a position past the draft's range")

@@ -4,6 +4,7 @@ changes; `PATCHES` lists each replaced attribute."""
 from vllm_specextend.vllm_glue.draft_model import (
     wrap_input_fits_in_drafter,
     wrap_proposer_load_model,
+    wrap_proposer_propose,
 )
 from vllm_specextend.vllm_glue.engine_config import (
     wrap_create_engine_config,
@@ -41,7 +42,13 @@ PATCHES = [
         "vllm.v1.spec_decode.llm_base_proposer",
         "SpecDecodeBaseProposer.load_model",
         wrap_proposer_load_model,
-        "draft attention at compact positions over a bounded window",
+        "draft attention at compact positions; capture the target's last layer",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.propose",
+        wrap_proposer_propose,
+        "refresh chunk scores and working sets before each drafting round",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner",

@@ -23,6 +23,11 @@ from vllm_specextend.attention.working_set_attention import (
 )
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.retrieval.draft_rows import DraftRows, plan_draft_rows
+from vllm_specextend.retrieval.working_set import WorkingSets, working_set_positions
+from vllm_specextend.vllm_glue.cross_model_retrieval import (
+    CrossModelRetrieval,
+    FinalLayerCapture,
+)
 
 logger = logging.getLogger("vllm.specextend")
 
@@ -42,18 +47,23 @@ class DraftRowPlanner:
         self.window = window
         self.piece_len = piece_len
         self.draft_max_positions = draft_max_positions
+        # Set for one drafting round by CMR; None before any scores.
+        self.working_sets: WorkingSets | None = None
         self._metadata = None
         self._rows: DraftRows | None = None
 
     def rows_for(self, attn_metadata) -> DraftRows:
         if attn_metadata is not self._metadata:
+            qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+            working_set_keys = None
+            if self.working_sets is not None:
+                first_positions = seq_lens - (qsl[1:] - qsl[:-1])
+                working_set_keys = working_set_positions(
+                    self.working_sets, first_positions, attn_metadata.max_seq_len,
+                    self.window)
             self._rows = plan_draft_rows(
-                attn_metadata.query_start_loc,
-                attn_metadata.seq_lens,
-                attn_metadata.block_table,
-                self.window,
-                self.piece_len,
-                self.draft_max_positions,
+                qsl, seq_lens, attn_metadata.block_table, self.window, self.piece_len,
+                self.draft_max_positions, working_set_keys,
             )
             self._metadata = attn_metadata
         return self._rows
@@ -108,25 +118,33 @@ def _rotary_cos_sin(rotary_emb, head_dim: int) -> torch.Tensor:
     return rotary_emb.cos_sin_cache
 
 
+def _rotary_attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "attn")]
+
+
 def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig,
                               num_speculative_tokens: int, block_size: int,
-                              draft_max_positions: int) -> int:
-    """Rewire every attention module of the draft; returns how many."""
+                              draft_max_positions: int) -> DraftRowPlanner:
+    """Rewire every attention module of the draft to one shared planner."""
     window = settings.working_cache_budget(num_speculative_tokens)
     planner = DraftRowPlanner(window, draft_max_positions - window, draft_max_positions)
-    count = 0
-    for module in draft_model.modules():
-        if not (hasattr(module, "rotary_emb") and hasattr(module, "attn")):
-            continue
+    modules = _rotary_attention_modules(draft_model)
+    if not modules:
+        raise ValueError("speculative_config.model: no rotary attention layers found in the draft")
+    for module in modules:
         impl = module.attn.impl
         cos_sin = _rotary_cos_sin(module.rotary_emb, module.attn.head_size)
         module.rotary_emb = UnrotatedPositions()
         compact = CompactDraftAttention(impl, cos_sin, block_size, planner)
         impl.forward = compact.forward
-        count += 1
-    if count == 0:
-        raise ValueError("speculative_config.model: no rotary attention layers found in the draft")
-    return count
+    return planner
+
+
+def install_final_layer_capture(target_model: nn.Module) -> FinalLayerCapture:
+    impl = _rotary_attention_modules(target_model)[-1].attn.impl
+    capture = FinalLayerCapture(impl.forward)
+    impl.forward = capture.forward
+    return capture
 
 
 def _settings_of(vllm_config) -> SpecExtendConfig | None:
@@ -138,20 +156,23 @@ def _settings_of(vllm_config) -> SpecExtendConfig | None:
 
 def wrap_proposer_load_model(original):
     @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+    def load_model(self, target_model, *args, **kwargs):
+        original(self, target_model, *args, **kwargs)
         settings = _settings_of(self.vllm_config)
         if settings is None or not settings.retrieval:
             return
         spec = self.vllm_config.speculative_config
         draft_max = spec.draft_model_config.hf_config.max_position_embeddings
-        layers = install_compact_attention(
-            self.model, settings, spec.num_speculative_tokens,
-            self.vllm_config.cache_config.block_size, draft_max,
-        )
-        logger.info("SpecExtend: draft attends at compact positions (%d layers, "
-                    "window %d, draft positions %d)", layers,
-                    settings.working_cache_budget(spec.num_speculative_tokens), draft_max)
+        block_size = self.vllm_config.cache_config.block_size
+        self.specextend_planner = install_compact_attention(
+            self.model, settings, spec.num_speculative_tokens, block_size, draft_max)
+        self.specextend_retrieval = CrossModelRetrieval(
+            settings, spec.num_speculative_tokens, block_size,
+            install_final_layer_capture(target_model))
+        logger.info("SpecExtend: draft attends at compact positions (window %d, draft "
+                    "positions %d); the target's last layer scores chunks every %d steps",
+                    settings.working_cache_budget(spec.num_speculative_tokens), draft_max,
+                    settings.refresh_every)
 
     return load_model
 
@@ -168,3 +189,32 @@ def wrap_input_fits_in_drafter(original):
         return original(self, common_attn_metadata)
 
     return input_fits_in_drafter
+
+
+def wrap_proposer_propose(original):
+    """Before each drafting round: refresh scores when due and hand the
+    batch's working sets to the draft's row planner."""
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def propose(self, *args, **kwargs):
+        retrieval = getattr(self, "specextend_retrieval", None)
+        if retrieval is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        metadata = bound["common_attn_metadata"]
+        query_indices = bound.get("token_indices_to_sample")
+        if query_indices is None:  # no drafts were verified: the last token
+            query_indices = metadata.query_start_loc[1:] - 1
+        req_ids = self.specextend_runner.input_batch.req_ids[: metadata.num_reqs]
+        self.specextend_planner.working_sets = retrieval.before_drafting(
+            req_ids, query_indices.long(), bound["target_positions"],
+            metadata.block_table_tensor, metadata.max_seq_len)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.specextend_planner.working_sets = None
+
+    return propose

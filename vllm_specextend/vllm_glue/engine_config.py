@@ -102,11 +102,9 @@ def wrap_create_engine_config(original):
         check_engine_fit(settings, vllm_config)
         log_settings("front end", vllm_config)
         logger.warning(
-            "SpecExtend: retrieval scoring and Hybrid Tree Attention are not wired "
-            "in this version; %s",
-            "the draft attends to the newest %d tokens at compact positions "
-            "(CMR's choice before its first scores)"
-            % settings.working_cache_budget(vllm_config.speculative_config.num_speculative_tokens)
+            "SpecExtend: %s; Hybrid Tree Attention and tree drafting are not "
+            "implemented in this version (chain drafts, vLLM's own verification).",
+            "Cross-model Retrieval on"
             if settings.retrieval
             else "retrieval=false: the draft sees the full context (stock draft_model)",
         )

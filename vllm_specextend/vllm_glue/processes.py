@@ -20,6 +20,9 @@ def wrap_init_with_settings(where: str):
             original(self, *args, **kwargs)
             vllm_config = kwargs.get("vllm_config") or args[0]
             self.specextend_config = log_settings(where, vllm_config)
+            if self.specextend_config is not None and hasattr(self, "drafter"):
+                # CMR reads the batch's request order from the runner.
+                self.drafter.specextend_runner = self
 
         return __init__
 

@@ -1,0 +1,109 @@
+"""Target side of Cross-model Retrieval inside vLLM's V1 runner.
+
+The target's final attention layer keeps its post-RoPE queries of the last
+forward and a plain mirror of its keys (the CPU cache layout is packed and
+unreadable). Before each drafting round, on refresh steps, the query of each
+request's last accepted token scores the request's chunks; the top chunks
+and the recent window become the request's working set, which the draft's
+decode rows attend to until the next refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_specextend.config import SpecExtendConfig
+from vllm_specextend.retrieval.chunk_scores import chunk_scores, chunk_scores_reference
+from vllm_specextend.retrieval.working_set import WorkingSets, select_working_sets
+
+
+logger = logging.getLogger("vllm.specextend")
+
+
+class FinalLayerCapture:
+    """Replaces the target's last attention `impl.forward`: copies queries
+    and keys, then runs vLLM's own attention unchanged."""
+
+    def __init__(self, original_forward):
+        self.original_forward = original_forward
+        self.queries: torch.Tensor | None = None  # [tokens, heads, head_dim]
+        self.key_mirror: torch.Tensor | None = None  # [slots, kv_heads, head_dim]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if attn_metadata is not None:
+            num_tokens = attn_metadata.num_actual_tokens
+            if self.queries is None or self.queries.shape[0] < num_tokens:
+                self.queries = torch.empty_like(query[:num_tokens])
+            if self.key_mirror is None:
+                num_slots = kv_cache.numel() // (2 * key.shape[1] * key.shape[2])
+                self.key_mirror = torch.zeros((num_slots, *key.shape[1:]), dtype=key.dtype,
+                                              device=key.device)
+            self.queries[:num_tokens] = query[:num_tokens]
+            slots = attn_metadata.slot_mapping[:num_tokens].long()
+            written = slots >= 0
+            self.key_mirror[slots[written]] = key[:num_tokens][written]
+        return self.original_forward(layer, query, key, value, kv_cache, attn_metadata,
+                                     output, *args, **kwargs)
+
+
+class CrossModelRetrieval:
+    """Per-runner CMR state: refresh counter and each request's working set."""
+
+    def __init__(self, settings: SpecExtendConfig, num_speculative_tokens: int,
+                 block_size: int, capture: FinalLayerCapture):
+        self.settings = settings
+        self.block_size = block_size
+        self.capture = capture
+        self.min_len = settings.effective_retrieval_min_len(num_speculative_tokens)
+        self.steps = 0
+        # request id -> (kept chunks [num_chunks] bool, window start [] int64)
+        self.working_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._logged_first_selection = False
+
+    def refresh(self, req_ids: list[str], query_indices: torch.Tensor,
+                context_lens: torch.Tensor, block_table: torch.Tensor, max_len: int) -> None:
+        """Score and select for every request of the batch (section 3.2)."""
+        settings = self.settings
+        query = self.capture.queries[query_indices]
+        score = chunk_scores if query.is_cuda else chunk_scores_reference
+        kwargs = {"max_len": max_len} if query.is_cuda else {}
+        scores = score(query, self.capture.key_mirror, block_table, context_lens,
+                       self.block_size, settings.chunk_size, **kwargs)
+        sets = select_working_sets(scores, context_lens, settings.chunk_size,
+                                   settings.top_k_chunks, settings.recent_tokens)
+        long_enough = (context_lens > self.min_len).tolist()
+        self.working_sets = {
+            req_id: (sets.kept_chunks[row], sets.window_start[row])
+            for row, req_id in enumerate(req_ids)
+            if long_enough[row]
+        }
+        if self.working_sets and not self._logged_first_selection:
+            self._logged_first_selection = True
+            logger.info("SpecExtend: first working sets selected (%d of %d requests "
+                        "past %d tokens)", len(self.working_sets), len(req_ids), self.min_len)
+
+    def before_drafting(self, req_ids: list[str], query_indices: torch.Tensor,
+                        target_positions: torch.Tensor, block_table: torch.Tensor,
+                        max_len: int) -> WorkingSets | None:
+        """Refresh when due; return the batch's working sets (None if no
+        request has one yet)."""
+        if self.steps % self.settings.refresh_every == 0:
+            context_lens = target_positions[query_indices].long() + 1
+            self.refresh(req_ids, query_indices, context_lens, block_table, max_len)
+        self.steps += 1
+        if not self.working_sets:
+            return None
+        max_chunks = max(kept.shape[0] for kept, _ in self.working_sets.values())
+        device = block_table.device
+        kept = torch.zeros((len(req_ids), max_chunks), dtype=torch.bool, device=device)
+        # Requests without a set: window past every position -> empty set.
+        window_start = torch.full((len(req_ids),), torch.iinfo(torch.int64).max,
+                                  dtype=torch.long, device=device)
+        for row, req_id in enumerate(req_ids):
+            if req_id in self.working_sets:
+                chunks, start = self.working_sets[req_id]
+                kept[row, : chunks.shape[0]] = chunks
+                window_start[row] = start
+        return WorkingSets(kept, window_start, self.settings.chunk_size)
