@@ -2,7 +2,7 @@
 of one target decode step, at several context lengths, measured side by side
 in one run.
 
-    python benchmarks/retrieval_overhead.py [--lengths 2048 4096 8192]
+    python benchmarks/retrieval_overhead.py [--lengths 2048 4096 8100]
 
 Target step: vLLM target-only engine on the tiny pair, batch 1, eager mode,
 prefix caching off: (time of 1 + N new tokens - time of 1 new token) / N.
@@ -83,6 +83,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lengths, [100 * r["refresh_share_of_target_step"] for r in rows], marker="o")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("refresh time / target step (%)")
     ax.set_title(f"CMR refresh cost, tiny pair\n{results['machine']}", fontsize=9)
@@ -93,7 +94,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8100])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--name", default="retrieval_overhead_cpu")
@@ -103,12 +104,12 @@ def main() -> None:
     from vllm import LLM
 
     from vllm_specextend.config import SpecExtendConfig
-    from vllm_specextend.models.tiny import build_tiny_pair
+    from vllm_specextend.models.tiny import TARGET_MAX_POSITIONS, build_tiny_pair
 
     pair = build_tiny_pair()
     settings = SpecExtendConfig()
     block_size = 32  # what the plugin picks on CPU for chunk_size 32
-    llm = LLM(model=pair.target, max_model_len=max(args.lengths) + args.new_tokens + 8,
+    llm = LLM(model=pair.target, max_model_len=TARGET_MAX_POSITIONS,
               dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True,
               enable_prefix_caching=False, block_size=block_size)
     hf_config = AutoConfig.from_pretrained(pair.target)

@@ -20,6 +20,9 @@ from vllm_specextend.retrieval.working_set import WorkingSets, select_working_se
 
 
 logger = logging.getLogger("vllm.specextend")
+# A window start past every position: the request has no working set, so
+# the draft falls back to its sliding window (full context when short).
+NO_WORKING_SET = torch.iinfo(torch.int64).max
 
 
 class FinalLayerCapture:
@@ -58,7 +61,8 @@ class CrossModelRetrieval:
         self.capture = capture
         self.min_len = settings.effective_retrieval_min_len(num_speculative_tokens)
         self.steps = 0
-        # request id -> (kept chunks [num_chunks] bool, window start [] int64)
+        # request id -> (kept chunks [num_chunks] bool, window start [] int64),
+        # as of the last refresh
         self.working_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logged_first_selection = False
 
@@ -71,18 +75,20 @@ class CrossModelRetrieval:
         kwargs = {"max_len": max_len} if query.is_cuda else {}
         scores = score(query, self.capture.key_mirror, block_table, context_lens,
                        self.block_size, settings.chunk_size, **kwargs)
+        scores = _mean_over_tensor_parallel_ranks(scores)
         sets = select_working_sets(scores, context_lens, settings.chunk_size,
                                    settings.top_k_chunks, settings.recent_tokens)
-        long_enough = (context_lens > self.min_len).tolist()
+        # Requests within the budget keep the full context: no working set.
+        short = context_lens <= self.min_len
+        kept = sets.kept_chunks & ~short[:, None]
+        window_start = torch.where(short, NO_WORKING_SET, sets.window_start)
         self.working_sets = {
-            req_id: (sets.kept_chunks[row], sets.window_start[row])
-            for row, req_id in enumerate(req_ids)
-            if long_enough[row]
+            req_id: (kept[row], window_start[row]) for row, req_id in enumerate(req_ids)
         }
-        if self.working_sets and not self._logged_first_selection:
+        if not self._logged_first_selection and bool((~short).any()):
             self._logged_first_selection = True
             logger.info("SpecExtend: first working sets selected (%d of %d requests "
-                        "past %d tokens)", len(self.working_sets), len(req_ids), self.min_len)
+                        "past %d tokens)", int((~short).sum()), len(req_ids), self.min_len)
 
     def before_drafting(self, req_ids: list[str], query_indices: torch.Tensor,
                         target_positions: torch.Tensor, block_table: torch.Tensor,
@@ -98,12 +104,24 @@ class CrossModelRetrieval:
         max_chunks = max(kept.shape[0] for kept, _ in self.working_sets.values())
         device = block_table.device
         kept = torch.zeros((len(req_ids), max_chunks), dtype=torch.bool, device=device)
-        # Requests without a set: window past every position -> empty set.
-        window_start = torch.full((len(req_ids),), torch.iinfo(torch.int64).max,
-                                  dtype=torch.long, device=device)
+        window_start = torch.full((len(req_ids),), NO_WORKING_SET, device=device)
         for row, req_id in enumerate(req_ids):
-            if req_id in self.working_sets:
+            if req_id in self.working_sets:  # else: new since the last refresh
                 chunks, start = self.working_sets[req_id]
                 kept[row, : chunks.shape[0]] = chunks
                 window_start[row] = start
         return WorkingSets(kept, window_start, self.settings.chunk_size)
+
+
+def _mean_over_tensor_parallel_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each rank scored with its own heads: average so all ranks keep the
+    same chunks."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return scores
+    return tensor_model_parallel_all_reduce(scores) / world_size
