@@ -1,0 +1,249 @@
+"""Hybrid Tree Attention (SpecExtend section 3.3) for tree verification.
+
+A request verifies a tree of `n` draft nodes after a cached prefix of
+`prefix_len` tokens. Its nodes sit, in topological order, at the slots of
+positions prefix_len .. prefix_len + n - 1 of the paged cache (the slots a
+chain would use); each node's query is already rotated at its tree position.
+Every node attends to the whole prefix (no mask) and to its ancestors and
+itself in the tree. HTA splits the two:
+- prefix part: FlashDecoding over the paged prefix (split-KV partials, each
+  with its log-sum-exp, reduced), output and LSE per query and head;
+- tree part: attention among the tree's nodes under the ancestor mask;
+- merge by LSE, in fp32: out = (e^lse_p o_p + e^lse_t o_t) / (e^lse_p + e^lse_t).
+Caches are viewed as [num_slots, num_kv_heads, head_dim]
+(slot = block * block_size + offset). The tree mask is one int64 per node:
+bit j set when node j of the same request is an ancestor of it or itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TREE_NODES = 64  # one int64 ancestor bitmask per node
+
+
+def ancestor_bitmasks(parents: torch.Tensor, tree_start_loc: torch.Tensor) -> torch.Tensor:
+    """Bitmasks from parent arrays: `parents` [num_nodes] holds each node's
+    parent as an index local to its request (-1 for a root); parents come
+    before children. Plan step (host side, once per step)."""
+    masks = torch.zeros_like(parents, dtype=torch.int64)
+    starts = tree_start_loc.tolist()
+    for start, end in zip(starts[:-1], starts[1:]):
+        if end - start > MAX_TREE_NODES:
+            raise ValueError(f"a tree has {end - start} nodes; at most {MAX_TREE_NODES}")
+        for local in range(end - start):
+            parent = int(parents[start + local])
+            assert parent < local, "parents must come before their children"
+            own = 1 << local if local < 63 else -(1 << 63)  # bit 63 is the sign bit
+            masks[start + local] = own | (int(masks[start + parent]) if parent >= 0 else 0)
+    return masks
+
+
+def _is_visible(masks: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """[nodes, nodes] bool: does node q (row) see node k (column)?"""
+    return ((masks[:, None] >> local[None, :]) & 1).bool()
+
+
+def _gather(cache: torch.Tensor, block_table_row: torch.Tensor, positions: torch.Tensor,
+            block_size: int) -> torch.Tensor:
+    slots = block_table_row[positions // block_size].long() * block_size + positions % block_size
+    return cache[slots].float()
+
+
+def tree_attention_reference(
+    query: torch.Tensor,  # [num_nodes, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [batch, max_blocks]
+    prefix_lens: torch.Tensor,  # [batch]
+    tree_start_loc: torch.Tensor,  # [batch + 1]
+    tree_masks: torch.Tensor,  # [num_nodes] int64 ancestor bitmasks
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The full masked attention over prefix + tree, one dense softmax per
+    request: what tree verification computes without HTA."""
+    num_heads, head_dim = query.shape[1:]
+    group = num_heads // key_cache.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    for row in range(block_table.shape[0]):
+        start, end = int(tree_start_loc[row]), int(tree_start_loc[row + 1])
+        prefix_len, nodes = int(prefix_lens[row]), end - start
+        positions = torch.arange(prefix_len + nodes, device=query.device)
+        keys = _gather(key_cache, block_table[row], positions, block_size)
+        values = _gather(value_cache, block_table[row], positions, block_size)
+        visible = torch.ones(nodes, prefix_len + nodes, dtype=torch.bool, device=query.device)
+        local = torch.arange(nodes, device=query.device)
+        visible[:, prefix_len:] = _is_visible(tree_masks[start:end], local)
+        logits = torch.einsum("qhd,khd->hqk", query[start:end].float(),
+                              keys.repeat_interleave(group, dim=1)) * scale
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs,
+                                      values.repeat_interleave(group, dim=1))
+    return out.to(query.dtype)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two softmax partials over disjoint key sets, in fp32.
+    An empty part has lse = -inf and weight 0."""
+    top = torch.maximum(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - top)
+    weight_b = torch.exp(lse_b - top)
+    total = weight_a + weight_b
+    merged = (weight_a[..., None] * out_a.float() + weight_b[..., None] * out_b.float()) / total[..., None]
+    return merged, top + torch.log(total)
+
+
+@triton.jit
+def _prefix_split_kernel(
+    query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+    partial_out, partial_lse,
+    stride_q_node, stride_q_head, stride_slot, stride_kv_head, stride_table,
+    stride_po_node, stride_po_head, stride_po_split,
+    block_size, group_size, scale, split_len, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """FlashDecoding partial: one node, one head, one split of the prefix."""
+    node = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(node_rows + node)
+    prefix_len = tl.load(prefix_lens + row)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(query + node * stride_q_node + head * stride_q_head + dims).to(tl.float32)
+    kv_head = head // group_size
+    split_start = split * split_len
+    split_end = tl.minimum(split_start + split_len, prefix_len)
+    running_max = float("-inf")
+    running_sum = 0.0
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    for start in range(split_start, split_end, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        valid = positions < split_end
+        block = tl.load(block_table + row * stride_table + positions // block_size,
+                        mask=valid, other=0).to(tl.int64)
+        offsets = (block * block_size + positions % block_size)[:, None] * stride_slot \
+            + kv_head * stride_kv_head + dims[None, :]
+        keys = tl.load(key_cache + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        logits = tl.where(valid, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+        correction = tl.exp(running_max - new_max)
+        probs = tl.exp(logits - new_max)
+        values = tl.load(value_cache + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * correction + tl.sum(probs[:, None] * values, axis=0)
+        running_sum = running_sum * correction + tl.sum(probs, axis=0)
+        running_max = new_max
+    base = node * stride_po_node + head * stride_po_head + split * stride_po_split
+    # A split past the prefix end is empty: output 0, LSE -inf (weight 0).
+    empty = running_sum == 0.0
+    safe_sum = tl.where(empty, 1.0, running_sum)
+    tl.store(partial_out + base + dims, acc / safe_sum)
+    tl.store(partial_lse + (node * tl.num_programs(1) + head) * num_splits + split,
+             tl.where(empty, float("-inf"), running_max + tl.log(safe_sum)))
+
+
+@triton.jit
+def _tree_part_kernel(
+    query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc, node_rows,
+    tree_masks, out, lse,
+    stride_q_node, stride_q_head, stride_slot, stride_kv_head, stride_table,
+    stride_o_node, stride_o_head,
+    block_size, group_size, scale,
+    HEAD_DIM: tl.constexpr, MAX_NODES: tl.constexpr,
+):
+    """One node, one head: attention over its request's tree nodes under the
+    ancestor bitmask."""
+    node = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(node_rows + node)
+    prefix_len = tl.load(prefix_lens + row)
+    first_node = tl.load(tree_start_loc + row)
+    num_nodes = tl.load(tree_start_loc + row + 1) - first_node
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(query + node * stride_q_node + head * stride_q_head + dims).to(tl.float32)
+    local = tl.arange(0, MAX_NODES)
+    mask_bits = tl.load(tree_masks + node)
+    visible = (local < num_nodes) & (((mask_bits >> local.to(tl.int64)) & 1) == 1)
+    positions = prefix_len + local
+    block = tl.load(block_table + row * stride_table + positions // block_size,
+                    mask=visible, other=0).to(tl.int64)
+    offsets = (block * block_size + positions % block_size)[:, None] * stride_slot \
+        + (head // group_size) * stride_kv_head + dims[None, :]
+    keys = tl.load(key_cache + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
+    logits = tl.where(visible, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+    top = tl.max(logits, axis=0)
+    probs = tl.exp(logits - top)
+    total = tl.sum(probs, axis=0)
+    values = tl.load(value_cache + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
+    tl.store(out + node * stride_o_node + head * stride_o_head + dims,
+             tl.sum(probs[:, None] * values, axis=0) / total)
+    tl.store(lse + node * tl.num_programs(1) + head, top + tl.log(total))
+
+
+def node_rows_of(tree_start_loc: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    nodes = torch.arange(num_nodes, device=tree_start_loc.device)
+    return torch.searchsorted(tree_start_loc[1:], nodes, right=True).to(torch.int32)
+
+
+def prefix_attention(query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+                     max_prefix_len: int, block_size: int, scale: float,
+                     split_len: int = 512):
+    """FlashDecoding over each node's request prefix: (out fp32, lse)."""
+    num_nodes, num_heads, head_dim = query.shape
+    num_splits = max(triton.cdiv(max_prefix_len, split_len), 1)
+    partial_out = torch.empty((num_nodes, num_heads, num_splits, head_dim),
+                              dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty((num_nodes, num_heads, num_splits), dtype=torch.float32,
+                              device=query.device)
+    _prefix_split_kernel[(num_nodes, num_heads, num_splits)](
+        query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+        partial_out, partial_lse,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        block_table.stride(0), partial_out.stride(0), partial_out.stride(1),
+        partial_out.stride(2), block_size, num_heads // key_cache.shape[1], scale,
+        split_len, num_splits, HEAD_DIM=head_dim, BLOCK_N=64)
+    # Reduce the splits (the FlashDecoding second pass) by their LSEs.
+    lse = torch.logsumexp(partial_lse, dim=-1)
+    weights = torch.exp(partial_lse - lse[..., None]).nan_to_num(0.0)
+    return (weights[..., None] * partial_out).sum(dim=2), lse
+
+
+def tree_part_attention(query, key_cache, value_cache, block_table, prefix_lens,
+                        tree_start_loc, node_rows, tree_masks, block_size: int, scale: float):
+    num_nodes, num_heads, head_dim = query.shape
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    lse = torch.empty((num_nodes, num_heads), dtype=torch.float32, device=query.device)
+    _tree_part_kernel[(num_nodes, num_heads)](
+        query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc, node_rows,
+        tree_masks, out, lse,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        block_size, num_heads // key_cache.shape[1], scale,
+        HEAD_DIM=head_dim, MAX_NODES=MAX_TREE_NODES)
+    return out, lse
+
+
+def hybrid_tree_attention(query, key_cache, value_cache, block_table, prefix_lens,
+                          tree_start_loc, tree_masks, block_size: int, max_prefix_len: int,
+                          scale: float | None = None):
+    """HTA: prefix part + tree part merged by LSE. Same inputs as
+    `tree_attention_reference`; `max_prefix_len` bounds prefix_lens."""
+    num_nodes, _, head_dim = query.shape
+    assert triton.next_power_of_2(head_dim) == head_dim, "HTA needs a power-of-two head_dim"
+    assert key_cache.stride(2) == 1 and query.stride(2) == 1
+    assert value_cache.stride() == key_cache.stride()
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    node_rows = node_rows_of(tree_start_loc, num_nodes)
+    prefix_out, prefix_lse = prefix_attention(
+        query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+        max_prefix_len, block_size, scale)
+    tree_out, tree_lse = tree_part_attention(
+        query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
+        node_rows, tree_masks, block_size, scale)
+    merged, _ = merge_attention_states(prefix_out, prefix_lse, tree_out, tree_lse)
+    return merged.to(query.dtype)
