@@ -63,3 +63,19 @@ def test_decode_block_follows_its_working_set():
     rows = plan_draft_rows(qsl, seq_lens, table, 8, 4, 12, (set_positions, set_counts))
     assert keys(rows, 0) == [0, 1, 2, 3, 20, 21, 38, 39]  # the set, then its own queries
     assert keys(rows, 1) == [0, 1, 2, 3]  # no set: the window (its whole context)
+
+
+def test_working_set_refreshed_mid_prefill_falls_back_to_the_window():
+    """A refresh during chunked prefill leaves a window start far behind the
+    next block: the set no longer fits, so the row keeps its sliding window."""
+    from vllm_specextend.retrieval.working_set import WorkingSets, working_set_positions
+
+    sets = WorkingSets(torch.zeros(1, 4, dtype=torch.bool), torch.tensor([10]), chunk_size=4)
+    first_positions = torch.tensor([30])  # 20 positions past the window start
+    set_positions, set_counts = working_set_positions(sets, first_positions, max_len=31, max_keys=8)
+    assert int(set_counts[0]) == 20  # says it overflowed; no index error
+    qsl = torch.tensor([0, 1], dtype=torch.int32)
+    rows = plan_draft_rows(qsl, torch.tensor([31], dtype=torch.int32),
+                           torch.zeros(1, 8, dtype=torch.int32), 8, 4, 12,
+                           (set_positions, set_counts))
+    assert keys(rows, 0) == list(range(22, 31))

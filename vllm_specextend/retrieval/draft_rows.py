@@ -70,7 +70,8 @@ def plan_draft_rows(
     if working_set_keys is not None:
         set_positions, set_counts = working_set_keys
         counts = set_counts.long()[row_request]
-        use_set = (counts > 0) & (pieces[row_request] == 1)
+        # A set that outgrew the window (refreshed mid-prefill) is not used.
+        use_set = (counts > 0) & (counts <= window) & (pieces[row_request] == 1)
         own = row_first[:, None] + offsets[None, :] - counts[:, None]
         take = min(set_positions.shape[1], max_keys)
         retrieved = torch.zeros_like(key_positions)

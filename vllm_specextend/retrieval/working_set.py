@@ -53,7 +53,9 @@ def working_set_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions each request's draft attends to, in position order.
 
-    Returns `positions` [batch, max_keys] (padding: 0) and `num_keys` [batch].
+    Returns `positions` [batch, max_keys] (padding: 0) and `num_keys` [batch];
+    a request with num_keys > max_keys has more than fits (a refresh taken in
+    the middle of its chunked prefill) and must not use its set.
     """
     device = seq_lens.device
     positions = torch.arange(max_len, device=device)
@@ -66,8 +68,10 @@ def working_set_positions(
         positions[None, :] < seq_lens[:, None].long()
     )
     num_keys = keep.sum(dim=1)
-    # Compact: the n-th kept position goes to column n; the rest to a spare column.
-    column = torch.where(keep, keep.cumsum(dim=1) - 1, max_keys)
+    # Compact: the n-th kept position goes to column n; the rest, and any
+    # overflow past max_keys (num_keys then says the set does not fit), to a
+    # spare column.
+    column = torch.where(keep, keep.cumsum(dim=1) - 1, max_keys).clamp(max=max_keys)
     out = torch.zeros((seq_lens.shape[0], max_keys + 1), dtype=torch.long, device=device)
     out.scatter_(1, column, positions.expand_as(column))
     return out[:, :max_keys], num_keys
