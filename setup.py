@@ -18,6 +18,7 @@ setup(
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": ["pytest>=8", "requests"],
         "bench": ["matplotlib"],
+        "models": ["gguf"],  # the Qwen2.5-Coder pair ships as GGUF parts
     },
     entry_points={
         "vllm.general_plugins": ["specextend = vllm_specextend.plugin:register"],

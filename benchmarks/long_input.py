@@ -1,0 +1,222 @@
+"""Long-input benchmark: decode speed and mean accepted length against input
+length, per method, side by side (in the spirit of `vllm bench`).
+
+    python benchmarks/long_input.py --pair qwen-coder \
+        --inputs ../shared/datasets/govreport/govreport_{1K,2K,4K}.jsonl \
+        --samples 3 --max-new-tokens 64 \
+        --methods ar draft_model specextend "specextend[retrieval=false]" \
+        --out benchmarks/results/long_input_cpu.json [--resume]
+
+Methods run one after another, each in a fresh engine process:
+  ar                    target only
+  draft_model           stock vLLM speculation, same draft and k
+  specextend            the full method
+  specextend[k=v,...]   an ablation: any SpecExtend setting, e.g.
+                        retrieval=false, top_k_chunks=16, refresh_every=8
+Every finished sample is appended to the results file at once (an
+interrupted run keeps what it measured; --resume skips what is there).
+Greedy outputs are compared with `ar` on the same sample; a mismatch is a
+bug and is printed loudly. Plot and table: benchmarks/plot_long_input.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """'specextend[retrieval=false,top_k_chunks=16]' -> ('specextend', {...})."""
+    name, _, rest = method.partition("[")
+    settings = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        settings[key.strip()] = json.loads(value.strip())
+    if name not in ("ar", "draft_model", "specextend") or (settings and name != "specextend"):
+        raise SystemExit(f"unknown method {method!r}")
+    return name, settings
+
+
+def speculative_config(method: str, draft: str, k: int) -> dict | None:
+    name, settings = parse_method(method)
+    if name == "ar":
+        return None
+    return {"method": name, "model": draft, "num_speculative_tokens": k, **settings}
+
+
+def load_samples(path: str, count: int) -> list[str]:
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f][:count]
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def done_keys(out: Path) -> set[tuple]:
+    if not out.exists():
+        return set()
+    return {(r["method"], r["input"], r["sample"], r["run"])
+            for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"}
+
+
+def spec_counters(llm) -> dict:
+    return {m.name: getattr(m, "value", None) for m in llm.get_metrics()
+            if m.name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens",
+                          "vllm:spec_decode_num_draft_tokens")}
+
+
+def run_method(job: dict) -> None:
+    """Worker process: one engine, every (input, sample, run) of one method."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_cache_gib"]))
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
+              max_model_len=job["max_model_len"], dtype=job["dtype"],
+              gpu_memory_utilization=0.1, disable_log_stats=False,
+              enable_prefix_caching=False, seed=0)
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
+    out = Path(job["out"])
+    for item in job["items"]:
+        text = item["text"]
+        if job["chat_template"]:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+        before = spec_counters(llm)
+        [output] = llm.generate([text], params, use_tqdm=False)
+        after = spec_counters(llm)
+        stats = output.metrics
+        prefill_s = stats.first_token_ts - stats.scheduled_ts
+        decode_s = stats.last_token_ts - stats.first_token_ts
+        generated = list(output.outputs[0].token_ids)
+        delta = {k: (after.get(k) or 0) - (before.get(k) or 0) for k in after}
+        drafts = delta.get("vllm:spec_decode_num_drafts", 0)
+        accepted = delta.get("vllm:spec_decode_num_accepted_tokens", 0)
+        record = {
+            "kind": "sample", "method": job["method"], "input": item["input"],
+            "sample": item["sample"], "run": item["run"],
+            "prompt_tokens": len(output.prompt_token_ids), "new_tokens": len(generated),
+            "prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_tokens_per_s": (len(generated) - 1) / decode_s if decode_s > 0 else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "acceptance_rate": accepted / delta["vllm:spec_decode_num_draft_tokens"]
+            if drafts else None,
+            "token_ids": generated,
+        }
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "token_ids"}), flush=True)
+
+
+def check_against_ar(out: Path) -> int:
+    records = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"]
+    reference = {(r["input"], r["sample"], r["run"]): r["token_ids"]
+                 for r in records if r["method"] == "ar"}
+    mismatches = 0
+    for r in records:
+        expected = reference.get((r["input"], r["sample"], r["run"]))
+        if r["method"] != "ar" and expected is not None and r["token_ids"] != expected:
+            mismatches += 1
+            print(f"!!! OUTPUT MISMATCH vs ar: {r['method']} {r['input']} sample {r['sample']} "
+                  f"-- greedy speculation must be lossless: this is a bug", flush=True)
+    return mismatches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", choices=["tiny", "qwen-coder"], default="tiny")
+    parser.add_argument("--target")
+    parser.add_argument("--draft")
+    parser.add_argument("--inputs", nargs="+", required=True, help="JSONL files with 'text'")
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=["ar", "draft_model", "specextend"])
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--max-model-len", type=int, default=20000)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-gib", type=int, default=4)
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/long_input.jsonl"))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_method(json.loads(Path(args.worker).read_text()))
+
+    from tqdm import tqdm
+
+    if args.target and args.draft:
+        target, draft = args.target, args.draft
+    elif args.pair == "tiny":
+        from vllm_specextend.models.tiny import build_tiny_pair
+
+        pair = build_tiny_pair()
+        target, draft = pair.target, pair.draft
+    else:
+        from vllm_specextend.models.qwen_coder import prepare_pair
+
+        pair = prepare_pair()
+        target, draft = pair.target, pair.draft
+    for method in args.methods:
+        parse_method(method)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not args.resume:
+        raise SystemExit(f"{out} exists: pass --resume to continue it, or another --out")
+    done = done_keys(out)
+    if not out.exists():
+        header = {"kind": "header", "machine": machine(), "target": target, "draft": draft,
+                  "k": args.num_speculative_tokens, "dtype": args.dtype,
+                  "max_new_tokens": args.max_new_tokens, "prefix_caching": False,
+                  "chat_template": not args.no_chat_template,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        out.write_text(json.dumps(header) + "\n")
+    plan = {method: [{"input": Path(path).name, "sample": i, "run": run, "text": text}
+                     for path in args.inputs
+                     for i, text in enumerate(load_samples(path, args.samples))
+                     for run in range(args.runs)
+                     if (method, Path(path).name, i, run) not in done]
+            for method in args.methods}
+    total = sum(len(items) for items in plan.values())
+    progress = tqdm(total=total, desc="sweep", unit="sample")
+    for method, items in plan.items():
+        if not items:
+            continue
+        job = {"method": method, "items": items, "target": target, "out": str(out),
+               "speculative_config": speculative_config(method, draft,
+                                                        args.num_speculative_tokens),
+               "max_model_len": args.max_model_len, "dtype": args.dtype,
+               "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
+               "chat_template": not args.no_chat_template}
+        job_path = out.with_suffix(".job.json")
+        job_path.write_text(json.dumps(job))
+        worker = subprocess.Popen([sys.executable, __file__, "--inputs", "-", "--worker",
+                                   str(job_path)], stdout=subprocess.PIPE, text=True)
+        for line in worker.stdout:
+            if line.startswith("{"):
+                progress.update(1)
+                progress.set_postfix_str(method)
+        if worker.wait() != 0:
+            raise SystemExit(f"method {method} failed (exit {worker.returncode})")
+        job_path.unlink()
+    progress.close()
+    mismatches = check_against_ar(out)
+    print(f"results: {out} ({'no' if not mismatches else mismatches} output mismatches vs ar)")
+    if mismatches:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

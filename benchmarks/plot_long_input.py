@@ -1,0 +1,98 @@
+"""Plot and tabulate a long_input.py results file.
+
+    python benchmarks/plot_long_input.py benchmarks/results/long_input_cpu.jsonl
+
+Writes NAME.png (mean accepted length and decode speed vs input length, one
+line per method) and NAME.md (a markdown table, speed also as a ratio to ar).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def summarize(path: Path) -> tuple[dict, list[dict]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    header = next(r for r in lines if r["kind"] == "header")
+    groups = defaultdict(list)
+    for r in lines:
+        if r["kind"] == "sample":
+            groups[(r["method"], r["input"])].append(r)
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return statistics.mean(values) if values else None
+
+    rows = []
+    for (method, source), samples in groups.items():
+        rows.append({
+            "method": method, "input": source, "samples": len(samples),
+            "prompt_tokens": mean(samples, "prompt_tokens"),
+            "prefill_s": mean(samples, "prefill_s"),
+            "decode_tokens_per_s": mean(samples, "decode_tokens_per_s"),
+            "mean_accepted_length": mean(samples, "mean_accepted_length"),
+        })
+    rows.sort(key=lambda r: (r["prompt_tokens"], r["method"]))
+    ar_speed = {r["input"]: r["decode_tokens_per_s"] for r in rows if r["method"] == "ar"}
+    for r in rows:
+        base = ar_speed.get(r["input"])
+        r["speed_vs_ar"] = r["decode_tokens_per_s"] / base if base else None
+    return header, rows
+
+
+def table(header: dict, rows: list[dict]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    out = [f"Machine: {header['machine']}; k={header['k']}, {header['dtype']}, "
+           f"{header['max_new_tokens']} new tokens, greedy.", "",
+           "| input | prompt tokens | method | samples | prefill s | decode tok/s | "
+           "vs ar | mean accepted length |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['input']} | {fmt(r['prompt_tokens'], '.0f')} | {r['method']} | "
+                   f"{r['samples']} | {fmt(r['prefill_s'], '.1f')} | "
+                   f"{fmt(r['decode_tokens_per_s'], '.2f')} | {fmt(r['speed_vs_ar'], '.2f')}x | "
+                   f"{fmt(r['mean_accepted_length'], '.2f')} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(header: dict, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (accepted_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method]
+        lengths = [r["prompt_tokens"] for r in mine]
+        if method != "ar":
+            accepted_ax.plot(lengths, [r["mean_accepted_length"] for r in mine], marker="o",
+                             label=method)
+        speed_ax.plot(lengths, [r["decode_tokens_per_s"] for r in mine], marker="o", label=method)
+    accepted_ax.set(xlabel="input tokens", ylabel="mean accepted length (tokens/step)")
+    speed_ax.set(xlabel="input tokens", ylabel="decode tokens/s")
+    for ax in (accepted_ax, speed_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(header['target']).parent.name} / {Path(header['draft']).parent.name}"
+                 f" - {header['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    path = Path(sys.argv[1])
+    header, rows = summarize(path)
+    text = table(header, rows)
+    path.with_suffix(".md").write_text(text)
+    plot(header, rows, path.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

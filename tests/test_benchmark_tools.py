@@ -1,0 +1,62 @@
+"""The model-pair assembler refuses a file whose sha256 does not match, and
+the long-input harness parses methods and flags outputs that differ from ar."""
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+
+import long_input  # noqa: E402
+from vllm_specextend.models.qwen_coder import GgufModel, IntegrityError, assemble  # noqa: E402
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """Two importable part packages whose data concatenate to b'abcdef'."""
+    for index, data in ((1, b"abc"), (2, b"def")):
+        package = tmp_path / f"fakepart{index}"
+        package.mkdir()
+        (package / "data.bin").write_bytes(data)
+        (package / "__init__.py").write_text(
+            "import os\ndef get_part_path():\n"
+            "    return os.path.join(os.path.dirname(__file__), 'data.bin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_assemble_verifies_hash(fake_parts, tmp_path):
+    good = GgufModel("fake", "fakepart", 2, "0", hashlib.sha256(b"abcdef").hexdigest())
+    path = assemble(good, tmp_path / "out")
+    assert path.read_bytes() == b"abcdef"
+    assert assemble(good, tmp_path / "out") == path  # idempotent
+
+
+def test_assemble_refuses_wrong_hash(fake_parts, tmp_path):
+    bad = GgufModel("fake", "fakepart", 2, "0", "0" * 64)
+    with pytest.raises(IntegrityError, match="refusing to use it"):
+        assemble(bad, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.gguf"))
+
+
+def test_method_parsing():
+    assert long_input.parse_method("ar") == ("ar", {})
+    assert long_input.parse_method("specextend[retrieval=false,top_k_chunks=16]") == (
+        "specextend", {"retrieval": False, "top_k_chunks": 16})
+    assert long_input.speculative_config("draft_model", "D", 4) == {
+        "method": "draft_model", "model": "D", "num_speculative_tokens": 4}
+    with pytest.raises(SystemExit):
+        long_input.parse_method("draft_model[top_k_chunks=3]")
+
+
+def test_mismatch_against_ar_is_flagged(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    rows = [{"kind": "header"}]
+    for method, ids in (("ar", [1, 2, 3]), ("specextend", [1, 2, 3]), ("draft_model", [1, 9, 3])):
+        rows.append({"kind": "sample", "method": method, "input": "a.jsonl", "sample": 0,
+                     "run": 0, "token_ids": ids})
+    out.write_text("\n".join(map(json.dumps, rows)))
+    assert long_input.check_against_ar(out) == 1
+    assert "OUTPUT MISMATCH vs ar: draft_model" in capsys.readouterr().out
