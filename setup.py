@@ -18,7 +18,8 @@ setup(
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": ["pytest>=8", "requests"],
         "bench": ["matplotlib"],
-        "models": ["gguf"],  # the Qwen2.5-Coder pair ships as GGUF parts
+        # the Qwen2.5-Coder pair ships as GGUF parts; transformers reads them
+        "models": ["gguf", "accelerate"],
     },
     entry_points={
         "vllm.general_plugins": ["specextend = vllm_specextend.plugin:register"],

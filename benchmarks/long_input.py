@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,12 +58,6 @@ def load_samples(path: str, count: int) -> list[str]:
         return [json.loads(line)["text"] for line in f][:count]
 
 
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def done_keys(out: Path) -> set[tuple]:
     if not out.exists():
         return set()
@@ -70,16 +65,16 @@ def done_keys(out: Path) -> set[tuple]:
             for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"}
 
 
-def spec_counters(llm) -> dict:
-    return {m.name: getattr(m, "value", None) for m in llm.get_metrics()
-            if m.name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens",
-                          "vllm:spec_decode_num_draft_tokens")}
-
-
 def run_method(job: dict) -> None:
     """Worker process: one engine, every (input, sample, run) of one method."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_cache_gib"]))
     from vllm import LLM, SamplingParams
+
+    from vllm_specextend.metrics import (
+        acceptance_rate,
+        mean_accepted_length,
+        spec_decode_counters,
+    )
 
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], dtype=job["dtype"],
@@ -93,25 +88,22 @@ def run_method(job: dict) -> None:
         if job["chat_template"]:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
-        before = spec_counters(llm)
+        before = spec_decode_counters(llm)
         [output] = llm.generate([text], params, use_tqdm=False)
-        after = spec_counters(llm)
+        after = spec_decode_counters(llm)
         stats = output.metrics
         prefill_s = stats.first_token_ts - stats.scheduled_ts
         decode_s = stats.last_token_ts - stats.first_token_ts
         generated = list(output.outputs[0].token_ids)
-        delta = {k: (after.get(k) or 0) - (before.get(k) or 0) for k in after}
-        drafts = delta.get("vllm:spec_decode_num_drafts", 0)
-        accepted = delta.get("vllm:spec_decode_num_accepted_tokens", 0)
+        delta = {name: after[name] - before[name] for name in after}
         record = {
             "kind": "sample", "method": job["method"], "input": item["input"],
             "sample": item["sample"], "run": item["run"],
             "prompt_tokens": len(output.prompt_token_ids), "new_tokens": len(generated),
             "prefill_s": prefill_s, "decode_s": decode_s,
             "decode_tokens_per_s": (len(generated) - 1) / decode_s if decode_s > 0 else None,
-            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
-            "acceptance_rate": accepted / delta["vllm:spec_decode_num_draft_tokens"]
-            if drafts else None,
+            "mean_accepted_length": mean_accepted_length(delta),
+            "acceptance_rate": acceptance_rate(delta),
             "token_ids": generated,
         }
         with open(out, "a") as f:

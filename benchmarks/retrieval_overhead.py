@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
+from machine import machine
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def target_step_seconds(llm, length: int, new_tokens: int) -> float:

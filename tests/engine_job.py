@@ -12,18 +12,10 @@ import sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
-def spec_decode_counters(llm) -> dict:
-    counters = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode"):
-            counters[metric.name] = getattr(metric, "value", None) or getattr(
-                metric, "values", None
-            )
-    return counters
-
-
 def main(job_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams
+
+    from vllm_specextend.metrics import spec_decode_counters
 
     job = json.loads(open(job_path).read())
     llm = LLM(

@@ -37,18 +37,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def mean_accepted_length(llm) -> float | None:
-    """Tokens produced per verification step: 1 + accepted drafts per step."""
-    counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-    drafts = counters.get("vllm:spec_decode_num_drafts") or 0
-    accepted = counters.get("vllm:spec_decode_num_accepted_tokens") or 0
-    return 1 + accepted / drafts if drafts else None
-
-
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
+
+    from vllm_specextend.metrics import mean_accepted_length, spec_decode_counters
 
     if args.target and args.draft:
         target, draft = args.target, args.draft
@@ -79,7 +73,7 @@ def main() -> None:
     [output] = llm.generate([prompt], params)
     elapsed = time.perf_counter() - start
     completion = output.outputs[0]
-    accepted = mean_accepted_length(llm)
+    accepted = mean_accepted_length(spec_decode_counters(llm))
     print("\n=== vllm-specextend demo ===")
     print(f"target: {target}\ndraft:  {draft}")
     print(f"prompt tokens: {len(output.prompt_token_ids)}")

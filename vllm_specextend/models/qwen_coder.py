@@ -106,7 +106,7 @@ def convert(model: GgufModel, gguf_path: Path, folder: Path) -> Path:
     """Dequantize the GGUF into a safetensors folder vLLM can load (bf16 on
     disk; serve it with dtype float32 on CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     out = folder / "hf"
     stamp = out / "specextend_source.sha256"
@@ -115,8 +115,15 @@ def convert(model: GgufModel, gguf_path: Path, folder: Path) -> Path:
     print(f"[{model.name}] dequantizing {gguf_path.name} (a few minutes)", flush=True)
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    weights = AutoModelForCausalLM.from_pretrained(gguf_path.parent, torch_dtype=torch.bfloat16,
-                                                   **kwargs)
+    # Unpack every block into dense weights (not GGUF-packed kernels).
+    weights = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, torch_dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True), **kwargs)
+    # transformers has dequantized every tensor; drop the GGUF marker so the
+    # model saves (and vLLM loads it) as a plain checkpoint.
+    weights.hf_quantizer = None
+    if hasattr(weights.config, "quantization_config"):
+        del weights.config.quantization_config
     tmp = out.with_name("hf.tmp")
     weights.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
