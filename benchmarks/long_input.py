@@ -79,7 +79,7 @@ def run_method(job: dict) -> None:
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], dtype=job["dtype"],
               gpu_memory_utilization=0.1, disable_log_stats=False,
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, enforce_eager=job["enforce_eager"], seed=0)
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     out = Path(job["out"])
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-gib", type=int, default=4)
     parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="skip torch.compile (minutes per engine on small CPUs); "
+                             "applies to every method alike")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/long_input.jsonl"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -172,6 +175,7 @@ def main() -> None:
         header = {"kind": "header", "machine": machine(), "target": target, "draft": draft,
                   "k": args.num_speculative_tokens, "dtype": args.dtype,
                   "max_new_tokens": args.max_new_tokens, "prefix_caching": False,
+                  "enforce_eager": args.enforce_eager,
                   "chat_template": not args.no_chat_template,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         out.write_text(json.dumps(header) + "\n")
@@ -191,15 +195,18 @@ def main() -> None:
                                                         args.num_speculative_tokens),
                "max_model_len": args.max_model_len, "dtype": args.dtype,
                "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
-               "chat_template": not args.no_chat_template}
+               "chat_template": not args.no_chat_template,
+               "enforce_eager": args.enforce_eager}
         job_path = out.with_suffix(".job.json")
         job_path.write_text(json.dumps(job))
         worker = subprocess.Popen([sys.executable, __file__, "--inputs", "-", "--worker",
                                    str(job_path)], stdout=subprocess.PIPE, text=True)
         for line in worker.stdout:
-            if line.startswith("{"):
+            if line.startswith('{"kind": "sample"'):
                 progress.update(1)
                 progress.set_postfix_str(method)
+            else:  # the engine's own log
+                progress.write(line.rstrip(), file=sys.stderr)
         if worker.wait() != 0:
             raise SystemExit(f"method {method} failed (exit {worker.returncode})")
         job_path.unlink()
