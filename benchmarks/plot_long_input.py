@@ -65,13 +65,13 @@ def plot(header: dict, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (accepted_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in sorted({r["method"] for r in rows}):
+    for index, method in enumerate(sorted({r["method"] for r in rows})):
         mine = [r for r in rows if r["method"] == method]
         lengths = [r["prompt_tokens"] for r in mine]
+        style = {"marker": "o", "label": method, "color": f"C{index}"}  # same in both panels
         if method != "ar":
-            accepted_ax.plot(lengths, [r["mean_accepted_length"] for r in mine], marker="o",
-                             label=method)
-        speed_ax.plot(lengths, [r["decode_tokens_per_s"] for r in mine], marker="o", label=method)
+            accepted_ax.plot(lengths, [r["mean_accepted_length"] for r in mine], **style)
+        speed_ax.plot(lengths, [r["decode_tokens_per_s"] for r in mine], **style)
     accepted_ax.set(xlabel="input tokens", ylabel="mean accepted length (tokens/step)")
     speed_ax.set(xlabel="input tokens", ylabel="decode tokens/s")
     for ax in (accepted_ax, speed_ax):
