@@ -28,6 +28,7 @@ from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
 )
+from vllm_specextend.vllm_glue.engine_config import settings_of
 
 logger = logging.getLogger("vllm.specextend")
 
@@ -147,18 +148,11 @@ def install_final_layer_capture(target_model: nn.Module) -> FinalLayerCapture:
     return capture
 
 
-def _settings_of(vllm_config) -> SpecExtendConfig | None:
-    from vllm_specextend.config import ADDITIONAL_CONFIG_KEY
-
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    return None if raw is None else SpecExtendConfig.from_settings(raw)
-
-
 def wrap_proposer_load_model(original):
     @functools.wraps(original)
     def load_model(self, target_model, *args, **kwargs):
         original(self, target_model, *args, **kwargs)
-        settings = _settings_of(self.vllm_config)
+        settings = settings_of(self.vllm_config)
         if settings is None or not settings.retrieval:
             return
         spec = self.vllm_config.speculative_config

@@ -73,12 +73,17 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
     )
 
 
+def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
+    """The SpecExtend settings carried by an engine config; None if off."""
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    return None if raw is None else SpecExtendConfig.from_settings(raw)
+
+
 def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
     """Log the settings this process runs with; None if SpecExtend is off."""
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    if raw is None:
+    settings = settings_of(vllm_config)
+    if settings is None:
         return None
-    settings = SpecExtendConfig.from_settings(raw)
     spec = vllm_config.speculative_config
     logger.info(
         "SpecExtend settings (%s): %s draft=%s num_speculative_tokens=%d "
