@@ -14,6 +14,7 @@ from kernel_inputs import random_block_table  # noqa: E402
 from vllm_specextend.attention.working_set_attention import (  # noqa: E402
     rotate,
     working_set_attention,
+    working_set_attention_cpu,
     working_set_attention_reference,
 )
 from vllm_specextend.retrieval.working_set import (  # noqa: E402
@@ -107,6 +108,19 @@ def test_kernel_matches_reference_and_sdpa(num_heads, num_kv_heads, block_size):
             enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(out_ref[qsl[row]:qsl[row + 1]], expected,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (14, 2)])
+def test_cpu_path_matches_reference(num_heads, num_kv_heads):
+    """Decode rows (grouped matmuls), a long prefill piece (SDPA) and a row
+    without queries, in one call."""
+    head_dim, block_size = 32, 16
+    num_keys, query_lens = [1, 37, 150, 5, 9], [1, 5, 90, 0, 9]
+    inputs = make_rows(num_keys, query_lens, num_heads, num_kv_heads, head_dim, block_size, 1)
+    cos_sin = rope_cache(256, head_dim)
+    out_ref, _ = working_set_attention_reference(*inputs, cos_sin, block_size, scale=0.3)
+    out = working_set_attention_cpu(*inputs, cos_sin, block_size, scale=0.3)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_full_context_working_set_equals_true_positions():

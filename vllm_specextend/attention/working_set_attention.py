@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -71,6 +72,56 @@ def working_set_attention_reference(
         lse[start:end] = logits.logsumexp(dim=-1).transpose(0, 1)
         out[start:end] = torch.einsum("hqk,khd->qhd", logits.softmax(dim=-1), values)
     return out.to(query.dtype), lse
+
+
+# Decode rows (a few query tokens) take grouped matmuls; longer prefill
+# pieces take SDPA, whose CPU kernel wins there.
+_MATMUL_MAX_QUERY_LEN = 64
+
+
+def working_set_attention_cpu(
+    query, key_cache, value_cache, block_tables, query_start_loc, key_positions,
+    num_keys, cos_sin, block_size, scale=None,
+) -> torch.Tensor:
+    """The reference's output (no log-sum-exp) for CPUs, where Triton does
+    not run: the GQA group shares its keys instead of repeating them, and a
+    row's causal mask is built only when it has more than one query."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32,
+                      device=query.device)
+    starts, counts = query_start_loc.tolist(), num_keys.tolist()
+    for row, n in enumerate(counts):
+        start, end = starts[row], starts[row + 1]
+        query_len = end - start
+        if query_len == 0:
+            continue
+        slots = _slots(block_tables[row], key_positions[row, :n], block_size)
+        compact = torch.arange(n, device=query.device)
+        keys = rotate(key_cache[slots], compact, cos_sin).transpose(0, 1)
+        values = value_cache[slots].float().transpose(0, 1)
+        q = rotate(query[start:end], compact[n - query_len:], cos_sin)
+        if query_len <= _MATMUL_MAX_QUERY_LEN:
+            # [kv_heads, group * query_len, head_dim]: one matmul per KV head.
+            grouped = q.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+            logits = torch.matmul(grouped.reshape(num_kv_heads, -1, head_dim),
+                                  keys.transpose(1, 2)) * scale
+            if query_len > 1:
+                causal = compact[None, :] <= compact[n - query_len:, None]
+                logits = logits.view(num_kv_heads, group, query_len, n).masked_fill(
+                    ~causal, float("-inf")).view(num_kv_heads, -1, n)
+            attended = torch.matmul(logits.softmax(dim=-1), values)
+            out[start:end] = attended.view(num_kv_heads, group, query_len, head_dim).permute(
+                2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
+        else:
+            causal = compact[None, :] <= compact[n - query_len:, None]
+            attended = F.scaled_dot_product_attention(
+                q.transpose(0, 1), keys.repeat_interleave(group, dim=0),
+                values.repeat_interleave(group, dim=0), attn_mask=causal, scale=scale)
+            out[start:end] = attended.transpose(0, 1)
+    return out.to(query.dtype)
 
 
 @triton.jit

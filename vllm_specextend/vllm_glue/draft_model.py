@@ -6,7 +6,7 @@ implementation is replaced: keys and values are stored un-rotated at their
 true slots (slots come from true positions and the shared block table, as
 vLLM computes them), in plain per-layer buffers because the CPU cache layout
 is packed; attention then reads each request's rows (`plan_draft_rows`) at
-compact positions (`working_set_attention`).
+compact positions (`working_set_attention`, or its CPU path).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from vllm_specextend.attention.working_set_attention import (
     working_set_attention,
-    working_set_attention_reference,
+    working_set_attention_cpu,
 )
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.retrieval.draft_rows import DraftRows, plan_draft_rows
@@ -100,12 +100,13 @@ class CompactDraftAttention:
         key_buffer[slots[written]] = key[:num_tokens][written]
         value_buffer[slots[written]] = value[:num_tokens][written]
         rows = self.planner.rows_for(attn_metadata)
-        attend = working_set_attention if query.is_cuda else working_set_attention_reference
-        out, _ = attend(
-            query[:num_tokens], key_buffer, value_buffer, rows.block_tables,
-            rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
-            self.block_size, scale=self.impl.scale,
-        )
+        arguments = (query[:num_tokens], key_buffer, value_buffer, rows.block_tables,
+                     rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
+                     self.block_size, self.impl.scale)
+        if query.is_cuda:
+            out, _ = working_set_attention(*arguments)
+        else:
+            out = working_set_attention_cpu(*arguments)
         output[:num_tokens] = out.reshape(output[:num_tokens].shape).to(output.dtype)
         return output
 
