@@ -22,23 +22,30 @@ def target_only(tiny_pair, mixed_prompts, tmp_path_factory):
 SMALL_BUDGET = {"chunk_size": 32, "top_k_chunks": 4, "recent_tokens": 64}
 
 
-@pytest.fixture(scope="module", params=[1, 8], ids=lambda n: f"refresh_every={n}")
+# Refresh every step, every 8 steps, and the recency-only ablation.
+VARIANTS = [{"refresh_every": 1}, {"refresh_every": 8},
+            {"refresh_every": 4, "selection": "recency"}]
+
+
+@pytest.fixture(scope="module", params=VARIANTS,
+                ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
 def specextend_run(request, tiny_pair, mixed_prompts, tmp_path_factory):
+    variant = request.param
     job = {
         "model": tiny_pair.target,
         "speculative_config": {
             "method": "specextend",
             "model": tiny_pair.draft,
             "num_speculative_tokens": 4,
-            "refresh_every": request.param,
             **SMALL_BUDGET,
+            **variant,
         },
         "prompts": mixed_prompts,
         "max_tokens": MAX_NEW_TOKENS,
         "collect_worker_settings": True,
     }
     result, log = run_engine(job, tmp_path_factory.mktemp("specextend"))
-    return result, log, request.param
+    return result, log, variant
 
 
 def test_greedy_ids_equal_target_only(target_only, specextend_run):
@@ -52,18 +59,18 @@ def test_greedy_ids_equal_target_only(target_only, specextend_run):
 
 
 def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
-    result, log, refresh_every = specextend_run
+    result, log, variant = specextend_run
     counters = result["spec_decode"]
     assert counters["vllm:spec_decode_num_drafts"] > 0
     assert counters["vllm:spec_decode_num_accepted_tokens"] > 0
     # Prompts past the working cache (4 x 32 + 64 + refresh x 5) got working sets.
-    budget = 4 * 32 + 64 + refresh_every * 5
+    budget = 4 * 32 + 64 + variant["refresh_every"] * 5
     assert re.search(rf"first working sets selected \(\d+ of \d+ requests past {budget} tokens\)", log)
 
 
 def test_settings_reach_engine_core_and_workers(specextend_run):
-    result, log, refresh_every = specextend_run
-    expected = {**SMALL_BUDGET, "refresh_every": refresh_every}
+    result, log, variant = specextend_run
+    expected = {**SMALL_BUDGET, **variant}
     [worker_settings] = result["worker_settings"]  # one worker (TP=1)
     assert {k: worker_settings[k] for k in expected} == expected
     lines = log.splitlines()

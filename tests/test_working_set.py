@@ -18,8 +18,8 @@ from vllm_specextend.attention.working_set_attention import (  # noqa: E402
     working_set_attention_reference,
 )
 from vllm_specextend.retrieval.working_set import (  # noqa: E402
-    recency_scores,
     select_working_sets,
+    streaming_scores,
     working_set_positions,
 )
 
@@ -53,11 +53,14 @@ def test_selection_keeps_top_chunks_window_and_order():
     assert positions[2, :8].tolist() == list(range(8))
 
 
-def test_recency_scores_pick_newest_chunks():
-    context = torch.tensor([100])
-    scores = torch.where(torch.arange(4) * 32 < 100, recency_scores(4, 1), float("-inf"))
-    sets = select_working_sets(scores, context, 32, top_k_chunks=1, recent_tokens=8)
-    assert sets.kept_chunks[0].nonzero().flatten().tolist() == [2]  # chunk 3 is in the window
+def test_streaming_scores_keep_first_chunk_and_newest():
+    context = torch.tensor([300, 40])
+    sets = select_working_sets(streaming_scores(10, 2), context, 32, top_k_chunks=3,
+                               recent_tokens=64)
+    # Window 236..: chunk 0 (the sink) and the two newest starting before it.
+    assert sets.kept_chunks[0].nonzero().flatten().tolist() == [0, 6, 7]
+    # Window 0..: everything is recent; nothing retrieved.
+    assert not sets.kept_chunks[1].any()
 
 
 def make_rows(num_keys, query_lens, num_heads, num_kv_heads, head_dim, block_size, seed):

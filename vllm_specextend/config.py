@@ -7,7 +7,7 @@ settings must fit (KV block size, draft positions, speculative tokens).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -43,6 +43,10 @@ class SpecExtendConfig(BaseModel):
     (the paper finds it pays above about 4K tokens)."""
     retrieval: bool = True
     """Cross-model Retrieval on/off (off: the draft sees the full context)."""
+    selection: Literal["cmr", "recency"] = "cmr"
+    """How the working set is chosen: "cmr", the target's final-layer
+    attention picks the top-k chunks; "recency", the first chunk and the
+    newest chunks, same budget, no target scores (StreamingLLM-style ablation)."""
     hybrid_tree_attention: bool = True
     """Hybrid Tree Attention on/off for tree verification."""
 

@@ -21,10 +21,13 @@ class WorkingSets:
     chunk_size: int
 
 
-def recency_scores(num_chunks: int, batch: int, device=None) -> torch.Tensor:
-    """Scores that rank the newest chunks first: used before the target has
-    scored anything."""
-    return torch.arange(num_chunks, dtype=torch.float32, device=device).expand(batch, -1)
+def streaming_scores(num_chunks: int, batch: int, device=None) -> torch.Tensor:
+    """Scores of the recency ablation (StreamingLLM): the first chunk (the
+    attention sink) ranks first, then the newest chunks; with the same top-k
+    and window the budget equals CMR's."""
+    scores = torch.arange(num_chunks, dtype=torch.float32, device=device)
+    scores[0] = num_chunks
+    return scores.expand(batch, -1)
 
 
 def select_working_sets(

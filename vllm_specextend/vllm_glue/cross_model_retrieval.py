@@ -16,7 +16,11 @@ import torch
 
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.retrieval.chunk_scores import chunk_scores, chunk_scores_reference
-from vllm_specextend.retrieval.working_set import WorkingSets, select_working_sets
+from vllm_specextend.retrieval.working_set import (
+    WorkingSets,
+    select_working_sets,
+    streaming_scores,
+)
 
 
 logger = logging.getLogger("vllm.specextend")
@@ -70,12 +74,12 @@ class CrossModelRetrieval:
                 context_lens: torch.Tensor, block_table: torch.Tensor, max_len: int) -> None:
         """Score and select for every request of the batch (section 3.2)."""
         settings = self.settings
-        query = self.capture.queries[query_indices]
-        score = chunk_scores if query.is_cuda else chunk_scores_reference
-        kwargs = {"max_len": max_len} if query.is_cuda else {}
-        scores = score(query, self.capture.key_mirror, block_table, context_lens,
-                       self.block_size, settings.chunk_size, **kwargs)
-        scores = _mean_over_tensor_parallel_ranks(scores)
+        if settings.selection == "recency":
+            num_chunks = -(-max_len // settings.chunk_size)
+            scores = streaming_scores(num_chunks, len(req_ids), context_lens.device)
+        else:
+            scores = self._target_chunk_scores(query_indices, context_lens, block_table,
+                                               max_len)
         sets = select_working_sets(scores, context_lens, settings.chunk_size,
                                    settings.top_k_chunks, settings.recent_tokens)
         # Requests within the budget keep the full context: no working set.
@@ -89,6 +93,15 @@ class CrossModelRetrieval:
             self._logged_first_selection = True
             logger.info("SpecExtend: first working sets selected (%d of %d requests "
                         "past %d tokens)", int((~short).sum()), len(req_ids), self.min_len)
+
+    def _target_chunk_scores(self, query_indices, context_lens, block_table, max_len):
+        """The last accepted token's final-layer attention, averaged per chunk."""
+        query = self.capture.queries[query_indices]
+        score = chunk_scores if query.is_cuda else chunk_scores_reference
+        kwargs = {"max_len": max_len} if query.is_cuda else {}
+        scores = score(query, self.capture.key_mirror, block_table, context_lens,
+                       self.block_size, self.settings.chunk_size, **kwargs)
+        return _mean_over_tensor_parallel_ranks(scores)
 
     def before_drafting(self, req_ids: list[str], query_indices: torch.Tensor,
                         target_positions: torch.Tensor, block_table: torch.Tensor,
