@@ -40,10 +40,18 @@ def parse_method(method: str) -> tuple[str, dict]:
     settings = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
-        settings[key.strip()] = json.loads(value.strip())
+        settings[key.strip()] = _setting_value(value.strip())
     if name not in ("ar", "draft_model", "specextend") or (settings and name != "specextend"):
         raise SystemExit(f"unknown method {method!r}")
     return name, settings
+
+
+def _setting_value(text: str):
+    """JSON where it parses (numbers, true/false), else the bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def speculative_config(method: str, draft: str, k: int) -> dict | None:
@@ -136,7 +144,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=["ar", "draft_model", "specextend"])
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
-    parser.add_argument("--max-model-len", type=int, default=20000)
+    parser.add_argument("--max-model-len", type=int,
+                        help="default: the target's max_position_embeddings")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-gib", type=int, default=4)
     parser.add_argument("--no-chat-template", action="store_true")

@@ -45,6 +45,8 @@ def test_method_parsing():
     assert long_input.parse_method("ar") == ("ar", {})
     assert long_input.parse_method("specextend[retrieval=false,top_k_chunks=16]") == (
         "specextend", {"retrieval": False, "top_k_chunks": 16})
+    assert long_input.parse_method("specextend[selection=recency]") == (
+        "specextend", {"selection": "recency"})
     assert long_input.speculative_config("draft_model", "D", 4) == {
         "method": "draft_model", "model": "D", "num_speculative_tokens": 4}
     with pytest.raises(SystemExit):
