@@ -1,4 +1,4 @@
-"""Hybrid Tree Attention vs the dense masked reference, under
+"""Hybrid Tree Attention (Triton, and the CPU path) vs the dense masked reference, under
 TRITON_INTERPRET=1 on CPU: random trees of several shapes, prefix lengths
 0, 1, 15, 16, 17 and 1000, block sizes 16 and 32, GQA 1/4/8, mixed batches,
 fp32/fp16/bf16; and the LSE merge against one softmax over the union."""
@@ -17,6 +17,7 @@ from vllm_specextend.attention.hybrid_tree_attention import (  # noqa: E402
     MAX_TREE_NODES,
     ancestor_bitmasks,
     hybrid_tree_attention,
+    hybrid_tree_attention_cpu,
     merge_attention_states,
     tree_attention_reference,
 )
@@ -58,15 +59,20 @@ def make_batch(trees, prefix_lens, num_heads, num_kv_heads, block_size, dtype, s
 
 
 def check(batch, block_size, dtype):
+    """The Triton HTA and the CPU path (with splits small enough that a
+    1000-token prefix takes several) both equal the dense reference."""
     query, key_cache, value_cache, table, prefix_lens, tree_start_loc, masks = batch
     expected = tree_attention_reference(query, key_cache, value_cache, table, prefix_lens,
                                         tree_start_loc, masks, block_size)
-    got = hybrid_tree_attention(query, key_cache, value_cache, table, prefix_lens,
-                                tree_start_loc, masks, block_size,
-                                max_prefix_len=int(prefix_lens.max()))
-    assert got.dtype == dtype
+    triton_out = hybrid_tree_attention(query, key_cache, value_cache, table, prefix_lens,
+                                       tree_start_loc, masks, block_size,
+                                       max_prefix_len=int(prefix_lens.max()))
+    cpu_out = hybrid_tree_attention_cpu(query, key_cache, value_cache, table, prefix_lens,
+                                        tree_start_loc, masks, block_size, split_len=300)
     tolerance = TOLERANCE[dtype]
-    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    for got in (triton_out, cpu_out):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])

@@ -247,3 +247,51 @@ def hybrid_tree_attention(query, key_cache, value_cache, block_table, prefix_len
         node_rows, tree_masks, block_size, scale)
     merged, _ = merge_attention_states(prefix_out, prefix_lse, tree_out, tree_lse)
     return merged.to(query.dtype)
+
+
+def hybrid_tree_attention_cpu(query, key_cache, value_cache, block_table, prefix_lens,
+                              tree_start_loc, tree_masks, block_size: int,
+                              scale: float | None = None, split_len: int = 4096):
+    """HTA in torch ops, for CPUs (Triton does not run there): the prefix part
+    in split-KV pieces of `split_len` keys, each with its LSE, merged as they
+    come; the tree part under the ancestor mask; then the merge. The GQA
+    group shares its keys (one matmul per KV head). Same inputs as
+    `tree_attention_reference`."""
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    starts, prefix_list = tree_start_loc.tolist(), prefix_lens.tolist()
+    for row, prefix_len in enumerate(prefix_list):
+        start, end = starts[row], starts[row + 1]
+        nodes = end - start
+        # [kv_heads, group * nodes, head_dim]
+        grouped = query[start:end].float().view(nodes, num_kv_heads, group, head_dim)
+        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * nodes, head_dim)
+
+        def attend(first: int, last: int, visible: torch.Tensor | None):
+            positions = torch.arange(first, last, device=query.device)
+            # [kv_heads, n, head_dim], contiguous for the batched matmuls
+            keys = _gather(key_cache, block_table[row], positions, block_size)
+            keys = keys.transpose(0, 1).contiguous()
+            values = _gather(value_cache, block_table[row], positions, block_size)
+            values = values.transpose(0, 1).contiguous()
+            logits = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)
+            if visible is not None:
+                logits.view(num_kv_heads, group, nodes, -1).masked_fill_(~visible, float("-inf"))
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            return torch.bmm(probs, values).div_(total), (top + total.log()).squeeze(-1)
+
+        local = torch.arange(nodes, device=query.device)
+        merged, lse = attend(prefix_len, prefix_len + nodes,
+                             _is_visible(tree_masks[start:end], local))
+        for first in range(0, prefix_len, split_len):
+            part = attend(first, min(first + split_len, prefix_len), None)
+            merged, lse = merge_attention_states(*part, merged, lse)
+        out[start:end] = merged.view(num_kv_heads, group, nodes, head_dim).permute(
+            2, 0, 1, 3).reshape(nodes, num_heads, head_dim)
+    return out.to(query.dtype)
+
