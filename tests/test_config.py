@@ -15,7 +15,7 @@ def test_paper_defaults():
     settings = SpecExtendConfig()
     assert (settings.chunk_size, settings.top_k_chunks, settings.refresh_every) == (32, 32, 4)
     assert settings.hybrid_tree_attention_min_len == 4096
-    assert settings.retrieval and settings.hybrid_tree_attention
+    assert settings.retrieval and not settings.hybrid_tree_attention
     # 32 chunks x 32 + 256 recent + 4 refreshes x (4 + 1) tokens
     assert settings.working_cache_budget(num_speculative_tokens=4) == 1300
     assert settings.effective_retrieval_min_len(4) == 1300

@@ -22,9 +22,12 @@ def target_only(tiny_pair, mixed_prompts, tmp_path_factory):
 SMALL_BUDGET = {"chunk_size": 32, "top_k_chunks": 4, "recent_tokens": 64}
 
 
-# Refresh every step, every 8 steps, and the recency-only ablation.
+# Refresh every step, every 8 steps, the recency-only ablation, and
+# verification through the Hybrid Tree Attention backend for prefixes >= 64.
+HYBRID_TREE_ATTENTION = {"hybrid_tree_attention": True, "hybrid_tree_attention_min_len": 64}
 VARIANTS = [{"refresh_every": 1}, {"refresh_every": 8},
-            {"refresh_every": 4, "selection": "recency"}]
+            {"refresh_every": 4, "selection": "recency"},
+            {"refresh_every": 4, **HYBRID_TREE_ATTENTION}]
 
 
 @pytest.fixture(scope="module", params=VARIANTS,
@@ -66,6 +69,12 @@ def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
     # Prompts past the working cache (4 x 32 + 64 + refresh x 5) got working sets.
     budget = 4 * 32 + 64 + variant["refresh_every"] * 5
     assert re.search(rf"first working sets selected \(\d+ of \d+ requests past {budget} tokens\)", log)
+
+
+def test_hybrid_tree_attention_verified_rows(specextend_run):
+    _, log, variant = specextend_run
+    verified = "Hybrid Tree Attention verified its first rows" in log
+    assert verified == bool(variant.get("hybrid_tree_attention"))
 
 
 def test_settings_reach_engine_core_and_workers(specextend_run):

@@ -47,8 +47,10 @@ class SpecExtendConfig(BaseModel):
     """How the working set is chosen: "cmr", the target's final-layer
     attention picks the top-k chunks; "recency", the first chunk and the
     newest chunks, same budget, no target scores (StreamingLLM-style ablation)."""
-    hybrid_tree_attention: bool = True
-    """Hybrid Tree Attention on/off for tree verification."""
+    hybrid_tree_attention: bool = False
+    """Verify through the Hybrid Tree Attention backend (vLLM's CPU build);
+    chain drafts are path-shaped trees. Off by default until tree drafting
+    lands: for chains vLLM's own kernel is as good."""
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

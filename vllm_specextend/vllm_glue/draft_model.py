@@ -139,6 +139,7 @@ def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig
         module.rotary_emb = UnrotatedPositions()
         compact = CompactDraftAttention(impl, cos_sin, block_size, planner)
         impl.forward = compact.forward
+        impl.mirror_kv = False  # the HTA backend's mirror: these layers keep their own
     return planner
 
 

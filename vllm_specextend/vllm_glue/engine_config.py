@@ -18,6 +18,7 @@ from vllm_specextend.config import (
     ADDITIONAL_CONFIG_KEY,
     METHOD_NAME,
     SpecExtendConfig,
+    SpecExtendConfigError,
     split_speculative_config,
 )
 
@@ -71,6 +72,11 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
         num_speculative_tokens=spec.num_speculative_tokens,
         draft_model_type=draft_hf.model_type,
     )
+    if settings.hybrid_tree_attention and not _is_cpu():
+        raise SpecExtendConfigError(
+            "speculative_config.hybrid_tree_attention=true: the Hybrid Tree Attention "
+            "backend is only built for vLLM's CPU build in this version; set it to false"
+        )
 
 
 def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
@@ -106,12 +112,14 @@ def wrap_create_engine_config(original):
         vllm_config = original(self, *args, **kwargs)
         check_engine_fit(settings, vllm_config)
         log_settings("front end", vllm_config)
-        logger.warning(
-            "SpecExtend: %s; Hybrid Tree Attention and tree drafting are not "
-            "implemented in this version (chain drafts, vLLM's own verification).",
+        logger.info(
+            "SpecExtend: %s; Hybrid Tree Attention %s; chain drafts (tree drafting is "
+            "not implemented in this version).",
             "Cross-model Retrieval on"
             if settings.retrieval
             else "retrieval=false: the draft sees the full context (stock draft_model)",
+            f"verifies prefixes from {settings.hybrid_tree_attention_min_len} tokens"
+            if settings.hybrid_tree_attention else "off (vLLM's own verification)",
         )
         return vllm_config
 

@@ -17,9 +17,17 @@ def wrap_init_with_settings(where: str):
     def wrap(original):
         @functools.wraps(original)
         def __init__(self, *args, **kwargs):
-            original(self, *args, **kwargs)
             vllm_config = kwargs.get("vllm_config") or args[0]
-            self.specextend_config = log_settings(where, vllm_config)
+            settings = log_settings(where, vllm_config)
+            if where == "worker" and settings is not None and settings.hybrid_tree_attention:
+                # Before the model builds its attention layers.
+                from vllm_specextend.vllm_glue.tree_attention_backend import (
+                    register_hybrid_tree_backend,
+                )
+
+                register_hybrid_tree_backend()
+            original(self, *args, **kwargs)
+            self.specextend_config = settings
             if self.specextend_config is not None and hasattr(self, "drafter"):
                 # CMR reads the batch's request order from the runner.
                 self.drafter.specextend_runner = self

@@ -1,0 +1,110 @@
+"""Hybrid Tree Attention as a vLLM attention backend (CPU build of vLLM).
+
+Registered over `CPU_ATTN` (vLLM's CPU platform always asks for it) when
+`hybrid_tree_attention` is on. Every layer runs vLLM's own kernel first;
+then the rows that verify drafts (1 < query_len <= k + 1) over a cached
+prefix of at least `hybrid_tree_attention_min_len` tokens are computed again
+with HTA and overwritten: prefix part + tree part + LSE merge, the drafts as
+a path-shaped tree. HTA reads a plain K/V mirror because vLLM's CPU cache
+keeps keys packed per block. Tree-shaped drafts will hand their ancestor
+masks to the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from vllm_specextend.attention.hybrid_tree_attention import (
+    ancestor_bitmasks,
+    hybrid_tree_attention_cpu,
+)
+from vllm_specextend.vllm_glue.engine_config import settings_of
+
+logger = logging.getLogger("vllm.specextend")
+BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"
+
+
+class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        vllm_config = get_current_vllm_config()
+        settings = settings_of(vllm_config)
+        speculative = vllm_config.speculative_config
+        self.min_prefix_len = settings.hybrid_tree_attention_min_len
+        self.max_nodes = speculative.num_speculative_tokens + 1
+        self.block_size = vllm_config.cache_config.block_size
+        self.key_mirror: torch.Tensor | None = None
+        self.value_mirror: torch.Tensor | None = None
+        self.rows_verified = 0
+        # Off for draft layers that keep their own plain K/V (compact attention).
+        self.mirror_kv = True
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if not self.mirror_kv:
+            return
+        if self.key_mirror is None:
+            num_slots = kv_cache.numel() // (2 * self.num_kv_heads * self.head_size)
+            shape = (num_slots, self.num_kv_heads, self.head_size)
+            self.key_mirror = torch.zeros(shape, dtype=key.dtype, device=key.device)
+            self.value_mirror = torch.zeros(shape, dtype=key.dtype, device=key.device)
+        num_tokens = min(slot_mapping.shape[0], key.shape[0])
+        slots = slot_mapping[:num_tokens].long()
+        written = slots >= 0
+        self.key_mirror[slots[written]] = key[:num_tokens][written]
+        self.value_mirror[slots[written]] = value[:num_tokens][written]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                 *args, **kwargs)
+        if attn_metadata is None or attn_metadata.max_query_len <= 1 or self.key_mirror is None:
+            return output
+        starts = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        rows = [row for row, seq_len in enumerate(seq_lens)
+                if 1 < starts[row + 1] - starts[row] <= self.max_nodes
+                and seq_len - (starts[row + 1] - starts[row]) >= self.min_prefix_len]
+        if rows:
+            self._verify_with_hta(rows, starts, seq_lens, query, attn_metadata, output)
+        return output
+
+    def _verify_with_hta(self, rows, starts, seq_lens, query, attn_metadata, output):
+        node_counts = [starts[row + 1] - starts[row] for row in rows]
+        tokens = torch.cat([torch.arange(starts[row], starts[row + 1]) for row in rows])
+        tree_start_loc = torch.tensor([0] + node_counts).cumsum(0)
+        # Chain drafts: each node's parent is the node before it.
+        parents = torch.cat([torch.arange(-1, n - 1) for n in node_counts])
+        out = hybrid_tree_attention_cpu(
+            query[tokens], self.key_mirror, self.value_mirror,
+            attn_metadata.block_table[rows],
+            torch.tensor([seq_lens[row] for row in rows]) - torch.tensor(node_counts),
+            tree_start_loc, ancestor_bitmasks(parents, tree_start_loc), self.block_size,
+            scale=self.scale)
+        heads = output.view(output.shape[0], self.num_heads, self.head_size)
+        heads[tokens] = out.to(output.dtype)
+        if self.rows_verified == 0:
+            logger.info("SpecExtend: Hybrid Tree Attention verified its first rows "
+                        "(prefixes from %d tokens)", self.min_prefix_len)
+        self.rows_verified += len(rows)
+
+
+class HybridTreeCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU backend (same name, cache layout and metadata) with HTA
+    verification rows."""
+
+    @staticmethod
+    def get_impl_cls() -> type[HybridTreeCPUAttentionImpl]:
+        return HybridTreeCPUAttentionImpl
+
+
+def register_hybrid_tree_backend() -> None:
+    """Point CPU_ATTN at our backend; before the model builds its layers."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if AttentionBackendEnum.CPU_ATTN.get_path() != BACKEND_PATH:
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+        logger.info("SpecExtend: Hybrid Tree Attention backend registered over CPU_ATTN")
