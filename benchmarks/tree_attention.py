@@ -183,7 +183,7 @@ def main() -> None:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     device_name = (torch.cuda.get_device_name() if device.type == "cuda"
-                   else f"CPU: {machine()}, {torch.get_num_threads()} threads")
+                   else f"CPU: {machine()}, torch threads: {torch.get_num_threads()}")
     flex, flex_error = (None, "disabled (--no-flex)") if args.no_flex else compiled_flex()
     rows = []
     for prefix_len in args.prefixes:
