@@ -1,13 +1,14 @@
 """Dynamic draft trees on hand-made draft distributions: closed under
 ancestors, weights the product of probabilities along the path, node budget
-and depth respected, the stop rule as specified; and greedy tree acceptance."""
+and depth respected, the stop rule as specified; tree acceptance, greedy and
+sampled (the output keeps the target's distribution)."""
 
 import itertools
 
 import pytest
 import torch
 
-from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, accept_greedy
+from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, accept_path
 
 
 def grow(builder, layer_probs):
@@ -113,7 +114,7 @@ def test_requests_stop_independently_and_max_depth_holds():
     assert int(tree.depths[1].max()) == 1  # stopped after layer 2 added nothing
 
 
-def test_accept_greedy_follows_target_argmax():
+def test_accept_path_follows_target_argmax():
     # Root children: tokens 5 (node 0), 7 (node 1); node 2 (token 9) under
     # node 1; node 3 (token 4) under node 2.
     tree = DraftTree(tokens=torch.tensor([[5, 7, 9, 4], [5, 7, 9, 4]]),
@@ -123,15 +124,39 @@ def test_accept_greedy_follows_target_argmax():
     # Columns: root, node 0..3.
     target = torch.tensor([[7, 0, 9, 4, 11],   # 7 -> 9 -> 4, bonus 11
                            [8, 0, 9, 4, 11]])  # nothing accepted, bonus 8
-    accepted, count, bonus = accept_greedy(tree, target)
+    accepted, count, bonus = accept_path(tree, target)
     assert count.tolist() == [3, 0]
     assert accepted[0].tolist() == [1, 2, 3] and accepted[1].tolist() == [-1, -1, -1]
     assert bonus.tolist() == [11, 8]
 
 
-def test_accept_greedy_ignores_padding_nodes():
+def test_accept_path_ignores_padding_nodes():
     tree = DraftTree(tokens=torch.tensor([[3, 0]]), parents=torch.tensor([[-1, -1]]),
                      depths=torch.tensor([[1, 0]]), weights=torch.tensor([[1.0, 0.0]]),
                      num_nodes=torch.tensor([1]))
-    accepted, count, bonus = accept_greedy(tree, torch.tensor([[0, 6, 6]]))
+    accepted, count, bonus = accept_path(tree, torch.tensor([[0, 6, 6]]))
     assert count.tolist() == [0] and bonus.tolist() == [0]
+
+
+def test_sampled_acceptance_keeps_the_target_distribution():
+    """Root children hold tokens 0 and 1 (node 1 has child token 2); the
+    target's distribution at the root is p. Over many draws the first output
+    token (accepted child, else the bonus) follows p: chi-square at 5 dof."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.35, 0.05, 0.25, 0.1, 0.2, 0.05])
+    draws = 20000
+    tree = DraftTree(tokens=torch.tensor([[0, 1, 2]]).expand(draws, -1),
+                     parents=torch.tensor([[-1, -1, 1]]).expand(draws, -1),
+                     depths=torch.tensor([[1, 1, 2]]).expand(draws, -1),
+                     weights=torch.ones(draws, 3), num_nodes=torch.full((draws,), 3))
+    # One sample of the target at the root and at each node.
+    samples = torch.multinomial(p, draws * 4, replacement=True).view(draws, 4)
+    accepted, count, bonus = accept_path(tree, samples)
+    first = torch.where(count > 0, tree.tokens.gather(1, accepted[:, :1].clamp(min=0)).squeeze(1),
+                        bonus)
+    observed = torch.bincount(first, minlength=6).double()
+    expected = p.double() * draws
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 20.5  # p = 0.001 at 5 degrees of freedom
+    # The drafts are used: token 1 is accepted whenever the root sample is 1.
+    assert bool((count[samples[:, 0] == 1] >= 1).all())

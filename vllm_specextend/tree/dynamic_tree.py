@@ -113,29 +113,35 @@ class DynamicTreeBuilder:
         )
 
 
-def accept_greedy(tree: DraftTree, target_argmax: torch.Tensor):
-    """Greedy verification: from the root, follow the child whose token is
-    the target's argmax at the current node while one exists.
+def accept_path(tree: DraftTree, target_tokens: torch.Tensor):
+    """Verification: from the root, move to the child whose token is the
+    target's token at the current node while one exists.
 
-    `target_argmax` [batch, 1 + nodes]: the target's argmax at the root
-    (column 0) and at each node (column 1 + local index). Returns the
-    accepted nodes [batch, max_depth] (local indices, path order, padding
-    -1), their count [batch], and the bonus token [batch] (the target's
-    argmax at the last accepted node)."""
+    `target_tokens` [batch, 1 + nodes] holds the target's token at the root
+    (column 0) and at each node (column 1 + local index): its argmax under
+    greedy decoding, or one sample of its processed distribution (temperature,
+    top-k, top-p) under sampling. With sampling this is exact: the candidates
+    are fixed, not drawn from the draft, so rejection sampling with the draft
+    as a point mass on each child in turn accepts child c with probability
+    p(c) and otherwise samples the residual, which is the same as drawing one
+    token from p and following it if it is a child. Returns the accepted
+    nodes [batch, max_depth] (local indices in path order, padding -1), their
+    count [batch], and the bonus token [batch] (the target's token at the
+    last accepted node)."""
     batch, nodes = tree.tokens.shape
+    device = tree.tokens.device
     max_depth = int(tree.depths.max()) if tree.depths.numel() else 0
-    valid = torch.arange(nodes, device=tree.tokens.device)[None, :] < tree.num_nodes[:, None]
-    current = torch.full((batch,), -1, dtype=torch.long, device=tree.tokens.device)
-    accepted = torch.full((batch, max(max_depth, 1)), -1, dtype=torch.long,
-                          device=tree.tokens.device)
-    num_accepted = torch.zeros(batch, dtype=torch.long, device=tree.tokens.device)
+    valid = torch.arange(nodes, device=device)[None, :] < tree.num_nodes[:, None]
+    current = torch.full((batch,), -1, dtype=torch.long, device=device)
+    accepted = torch.full((batch, max(max_depth, 1)), -1, dtype=torch.long, device=device)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
     for step in range(max_depth):
-        wanted = target_argmax.gather(1, (current + 1)[:, None])
+        wanted = target_tokens.gather(1, (current + 1)[:, None])
         match = valid & (tree.parents == current[:, None]) & (tree.tokens == wanted)
         found = match.any(dim=1)
         child = match.long().argmax(dim=1)  # siblings hold distinct tokens
         current = torch.where(found, child, current)
         accepted[:, step] = torch.where(found, child, -1)
         num_accepted += found.long()
-    bonus = target_argmax.gather(1, (current + 1)[:, None]).squeeze(1)
+    bonus = target_tokens.gather(1, (current + 1)[:, None]).squeeze(1)
     return accepted, num_accepted, bonus
