@@ -1,0 +1,38 @@
+"""KV compaction after tree verification.
+
+A request's tree nodes were written, in topological order, at the slots of
+positions prefix_len + 0, 1, ... (the slots a chain would use). After
+acceptance the accepted path a_0 .. a_{m-1} (local node indices) must sit at
+positions prefix_len + 0 .. m - 1, so that vLLM's rollback of
+`num_computed_tokens` and its prefix caching see a plain chain. Topological
+order gives a_j >= j, and the path is increasing, so no move reads a slot an
+earlier move wrote: one batched gather-then-scatter per cache is enough.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    blocks = block_table.gather(1, (positions // block_size).long())
+    return blocks.long() * block_size + positions % block_size
+
+
+def compaction_moves(accepted: torch.Tensor, num_accepted: torch.Tensor,
+                     prefix_lens: torch.Tensor, block_table: torch.Tensor,
+                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination slots [num_moves] of the accepted nodes that
+    are not already where a chain would put them (planned once per step;
+    the same moves apply to every layer's cache)."""
+    path_index = torch.arange(accepted.shape[1], device=accepted.device)[None, :]
+    needed = (path_index < num_accepted[:, None]) & (accepted != path_index)
+    base = prefix_lens.long()[:, None]
+    source = _slots(block_table, base + accepted.clamp(min=0), block_size)
+    destination = _slots(block_table, base + path_index, block_size)
+    return source[needed], destination[needed]
+
+
+def apply_moves(cache: torch.Tensor, source: torch.Tensor, destination: torch.Tensor) -> None:
+    """cache [num_slots, ...]: copy each source slot to its destination."""
+    cache[destination] = cache[source]
