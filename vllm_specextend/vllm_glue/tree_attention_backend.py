@@ -16,6 +16,7 @@ import logging
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_specextend.attention.hybrid_tree_attention import (
@@ -45,7 +46,7 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if not self.mirror_kv:
+        if not self.mirror_kv or self.attn_type != AttentionType.DECODER:
             return
         if self.key_mirror is None:
             num_slots = kv_cache.numel() // (2 * self.num_kv_heads * self.head_size)
