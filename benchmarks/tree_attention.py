@@ -67,9 +67,10 @@ def make_case(prefix_len, nodes, num_heads, num_kv_heads, head_dim, block_size, 
 
 
 def gathered(case, cache):
+    from vllm_specextend.paged_cache import slots_of
+
     positions = torch.arange(case["total"], device=cache.device)
-    block_size = case["block_size"]
-    slots = case["block_table"][0, positions // block_size].long() * block_size + positions % block_size
+    slots = slots_of(case["block_table"][0], positions, case["block_size"])
     return cache[slots].transpose(0, 1)  # [kv_heads, total, head_dim]
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_specextend.paged_cache import slots_of
+
 MAX_TREE_NODES = 64  # one int64 ancestor bitmask per node
 
 
@@ -50,8 +52,7 @@ def _is_visible(masks: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 def _gather(cache: torch.Tensor, block_table_row: torch.Tensor, positions: torch.Tensor,
             block_size: int) -> torch.Tensor:
-    slots = block_table_row[positions // block_size].long() * block_size + positions % block_size
-    return cache[slots].float()
+    return cache[slots_of(block_table_row, positions, block_size)].float()
 
 
 def tree_attention_reference(

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from vllm_specextend.paged_cache import slots_of
+
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """NeoX RoPE of x [..., n, heads, head_dim] at positions [..., n]."""
@@ -30,10 +32,6 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> t
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.float().split(half, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def _slots(block_table_row: torch.Tensor, positions: torch.Tensor, block_size: int):
-    return block_table_row[positions // block_size].long() * block_size + positions % block_size
 
 
 def working_set_attention_reference(
@@ -60,7 +58,7 @@ def working_set_attention_reference(
         start, end = int(query_start_loc[row]), int(query_start_loc[row + 1])
         n = int(num_keys[row])
         assert n <= cos_sin.shape[0], "working set exceeds the draft's positions"
-        slots = _slots(block_tables[row], key_positions[row, :n], block_size)
+        slots = slots_of(block_tables[row], key_positions[row, :n], block_size)
         compact = torch.arange(n, device=query.device)
         keys = rotate(key_cache[slots], compact, cos_sin).repeat_interleave(group, dim=1)
         values = value_cache[slots].float().repeat_interleave(group, dim=1)
@@ -85,7 +83,7 @@ def working_set_attention_cpu(
 ) -> torch.Tensor:
     """The reference's output (no log-sum-exp) for CPUs, where Triton does
     not run: the GQA group shares its keys instead of repeating them, and a
-    row's causal mask is built only when it has more than one query."""
+    row's causal mask is applied only when it has more than one query."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -98,25 +96,24 @@ def working_set_attention_cpu(
         query_len = end - start
         if query_len == 0:
             continue
-        slots = _slots(block_tables[row], key_positions[row, :n], block_size)
+        slots = slots_of(block_tables[row], key_positions[row, :n], block_size)
         compact = torch.arange(n, device=query.device)
         keys = rotate(key_cache[slots], compact, cos_sin).transpose(0, 1)
         values = value_cache[slots].float().transpose(0, 1)
         q = rotate(query[start:end], compact[n - query_len:], cos_sin)
+        causal = compact[None, :] <= compact[n - query_len:, None]
         if query_len <= _MATMUL_MAX_QUERY_LEN:
             # [kv_heads, group * query_len, head_dim]: one matmul per KV head.
             grouped = q.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
             logits = torch.matmul(grouped.reshape(num_kv_heads, -1, head_dim),
                                   keys.transpose(1, 2)) * scale
-            if query_len > 1:
-                causal = compact[None, :] <= compact[n - query_len:, None]
+            if query_len > 1:  # a single query sees every key
                 logits = logits.view(num_kv_heads, group, query_len, n).masked_fill(
                     ~causal, float("-inf")).view(num_kv_heads, -1, n)
             attended = torch.matmul(logits.softmax(dim=-1), values)
             out[start:end] = attended.view(num_kv_heads, group, query_len, head_dim).permute(
                 2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
         else:
-            causal = compact[None, :] <= compact[n - query_len:, None]
             attended = F.scaled_dot_product_attention(
                 q.transpose(0, 1), keys.repeat_interleave(group, dim=0),
                 values.repeat_interleave(group, dim=0), attn_mask=causal, scale=scale)

@@ -17,12 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def context_slots(block_table: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
-    """Slots of positions 0..num_tokens-1 for each row of a block table."""
-    positions = torch.arange(num_tokens, device=block_table.device)
-    blocks = block_table[:, positions // block_size].long()
-    return blocks * block_size + positions % block_size
+from vllm_specextend.paged_cache import slots_of
 
 
 def chunk_scores_reference(
@@ -44,7 +39,8 @@ def chunk_scores_reference(
                         device=query.device)
     for row in range(batch):
         length = int(context_lens[row])
-        keys = key_cache[context_slots(block_table[row : row + 1], length, block_size)[0]]
+        positions = torch.arange(length, device=query.device)
+        keys = key_cache[slots_of(block_table[row], positions, block_size)]
         keys = keys.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         logits = torch.einsum("hd,thd->ht", query[row].float(), keys) * scale
         probs = logits.softmax(dim=-1).mean(dim=0)  # [length]

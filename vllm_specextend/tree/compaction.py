@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    blocks = block_table.gather(1, (positions // block_size).long())
-    return blocks.long() * block_size + positions % block_size
+from vllm_specextend.paged_cache import slots_of
 
 
 def compaction_moves(accepted: torch.Tensor, num_accepted: torch.Tensor,
@@ -28,8 +25,8 @@ def compaction_moves(accepted: torch.Tensor, num_accepted: torch.Tensor,
     path_index = torch.arange(accepted.shape[1], device=accepted.device)[None, :]
     needed = (path_index < num_accepted[:, None]) & (accepted != path_index)
     base = prefix_lens.long()[:, None]
-    source = _slots(block_table, base + accepted.clamp(min=0), block_size)
-    destination = _slots(block_table, base + path_index, block_size)
+    source = slots_of(block_table, base + accepted.clamp(min=0), block_size)
+    destination = slots_of(block_table, base + path_index, block_size)
     return source[needed], destination[needed]
 
 
