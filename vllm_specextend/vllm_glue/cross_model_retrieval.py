@@ -21,6 +21,7 @@ from vllm_specextend.retrieval.working_set import (
     select_working_sets,
     streaming_scores,
 )
+from vllm_specextend.vllm_glue.kv_mirror import KVMirror
 
 
 logger = logging.getLogger("vllm.specextend")
@@ -36,21 +37,15 @@ class FinalLayerCapture:
     def __init__(self, original_forward):
         self.original_forward = original_forward
         self.queries: torch.Tensor | None = None  # [tokens, heads, head_dim]
-        self.key_mirror: torch.Tensor | None = None  # [slots, kv_heads, head_dim]
+        self.key_mirror = KVMirror(with_values=False)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is not None:
             num_tokens = attn_metadata.num_actual_tokens
             if self.queries is None or self.queries.shape[0] < num_tokens:
                 self.queries = torch.empty_like(query[:num_tokens])
-            if self.key_mirror is None:
-                num_slots = kv_cache.numel() // (2 * key.shape[1] * key.shape[2])
-                self.key_mirror = torch.zeros((num_slots, *key.shape[1:]), dtype=key.dtype,
-                                              device=key.device)
             self.queries[:num_tokens] = query[:num_tokens]
-            slots = attn_metadata.slot_mapping[:num_tokens].long()
-            written = slots >= 0
-            self.key_mirror[slots[written]] = key[:num_tokens][written]
+            self.key_mirror.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
         return self.original_forward(layer, query, key, value, kv_cache, attn_metadata,
                                      output, *args, **kwargs)
 
@@ -99,7 +94,7 @@ class CrossModelRetrieval:
         query = self.capture.queries[query_indices]
         score = chunk_scores if query.is_cuda else chunk_scores_reference
         kwargs = {"max_len": max_len} if query.is_cuda else {}
-        scores = score(query, self.capture.key_mirror, block_table, context_lens,
+        scores = score(query, self.capture.key_mirror.keys, block_table, context_lens,
                        self.block_size, self.settings.chunk_size, **kwargs)
         return _mean_over_tensor_parallel_ranks(scores)
 

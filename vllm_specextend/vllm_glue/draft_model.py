@@ -29,6 +29,7 @@ from vllm_specextend.vllm_glue.cross_model_retrieval import (
     FinalLayerCapture,
 )
 from vllm_specextend.vllm_glue.engine_config import settings_of
+from vllm_specextend.vllm_glue.kv_mirror import KVMirror
 
 logger = logging.getLogger("vllm.specextend")
 
@@ -78,29 +79,15 @@ class CompactDraftAttention:
         self.cos_sin = cos_sin
         self.block_size = block_size
         self.planner = planner
-        self.key_buffer: torch.Tensor | None = None
-        self.value_buffer: torch.Tensor | None = None
-
-    def _buffers(self, kv_cache: torch.Tensor, key: torch.Tensor):
-        if self.key_buffer is None:
-            num_kv_heads, head_dim = key.shape[1], key.shape[2]
-            num_slots = kv_cache.numel() // (2 * num_kv_heads * head_dim)
-            shape = (num_slots, num_kv_heads, head_dim)
-            self.key_buffer = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            self.value_buffer = torch.zeros(shape, dtype=key.dtype, device=key.device)
-        return self.key_buffer, self.value_buffer
+        self.kv = KVMirror()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         num_tokens = attn_metadata.num_actual_tokens
-        key_buffer, value_buffer = self._buffers(kv_cache, key)
-        slots = attn_metadata.slot_mapping[:num_tokens].long()
-        written = slots >= 0
-        key_buffer[slots[written]] = key[:num_tokens][written]
-        value_buffer[slots[written]] = value[:num_tokens][written]
+        self.kv.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
         rows = self.planner.rows_for(attn_metadata)
-        arguments = (query[:num_tokens], key_buffer, value_buffer, rows.block_tables,
+        arguments = (query[:num_tokens], self.kv.keys, self.kv.values, rows.block_tables,
                      rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
                      self.block_size, self.impl.scale)
         if query.is_cuda:

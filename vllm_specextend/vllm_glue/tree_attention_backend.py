@@ -24,6 +24,7 @@ from vllm_specextend.attention.hybrid_tree_attention import (
     hybrid_tree_attention_cpu,
 )
 from vllm_specextend.vllm_glue.engine_config import settings_of
+from vllm_specextend.vllm_glue.kv_mirror import KVMirror
 
 logger = logging.getLogger("vllm.specextend")
 BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"
@@ -38,8 +39,7 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         self.min_prefix_len = settings.hybrid_tree_attention_min_len
         self.max_nodes = speculative.num_speculative_tokens + 1
         self.block_size = vllm_config.cache_config.block_size
-        self.key_mirror: torch.Tensor | None = None
-        self.value_mirror: torch.Tensor | None = None
+        self.kv = KVMirror()
         self.rows_verified = 0
         # Off for draft layers that keep their own plain K/V (compact attention).
         self.mirror_kv = True
@@ -48,21 +48,13 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if not self.mirror_kv or self.attn_type != AttentionType.DECODER:
             return
-        if self.key_mirror is None:
-            num_slots = kv_cache.numel() // (2 * self.num_kv_heads * self.head_size)
-            shape = (num_slots, self.num_kv_heads, self.head_size)
-            self.key_mirror = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            self.value_mirror = torch.zeros(shape, dtype=key.dtype, device=key.device)
         num_tokens = min(slot_mapping.shape[0], key.shape[0])
-        slots = slot_mapping[:num_tokens].long()
-        written = slots >= 0
-        self.key_mirror[slots[written]] = key[:num_tokens][written]
-        self.value_mirror[slots[written]] = value[:num_tokens][written]
+        self.kv.write(kv_cache, key, value, slot_mapping, num_tokens)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  *args, **kwargs)
-        if attn_metadata is None or attn_metadata.max_query_len <= 1 or self.key_mirror is None:
+        if attn_metadata is None or attn_metadata.max_query_len <= 1 or self.kv.keys is None:
             return output
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
@@ -80,7 +72,7 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         # Chain drafts: each node's parent is the node before it.
         parents = torch.cat([torch.arange(-1, n - 1) for n in node_counts])
         out = hybrid_tree_attention_cpu(
-            query[tokens], self.key_mirror, self.value_mirror,
+            query[tokens], self.kv.keys, self.kv.values,
             attn_metadata.block_table[rows],
             torch.tensor([seq_lens[row] for row in rows]) - torch.tensor(node_counts),
             tree_start_loc, ancestor_bitmasks(parents, tree_start_loc), self.block_size,
