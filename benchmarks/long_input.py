@@ -76,6 +76,8 @@ def done_keys(out: Path) -> set[tuple]:
 def run_method(job: dict) -> None:
     """Worker process: one engine, every (input, sample, run) of one method."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_cache_gib"]))
+    # One CPU prefill step of a 4K prompt outlasts vLLM's 300 s RPC timeout.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
     from vllm import LLM, SamplingParams
 
     from vllm_specextend.metrics import (
