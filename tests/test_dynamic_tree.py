@@ -8,7 +8,12 @@ import itertools
 import pytest
 import torch
 
-from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, accept_path
+from vllm_specextend.tree.dynamic_tree import (
+    DraftTree,
+    DynamicTreeBuilder,
+    accept_path,
+    child_paths,
+)
 
 
 def grow(builder, layer_probs):
@@ -160,3 +165,24 @@ def test_sampled_acceptance_keeps_the_target_distribution():
     assert chi_square < 20.5  # p = 0.001 at 5 degrees of freedom
     # The drafts are used: token 1 is accepted whenever the root sample is 1.
     assert bool((count[samples[:, 0] == 1] >= 1).all())
+
+
+def test_child_paths_follow_the_parents():
+    torch.manual_seed(3)
+    batch, nodes, vocab = 2, 4, 5
+    builder = DynamicTreeBuilder(batch, nodes, max_depth=4, threshold=-1.0)
+    paths = torch.zeros(batch, 1, 0, dtype=torch.long)
+    while not builder.done():
+        width = builder.frontier_weights().shape[1]
+        builder.add_layer(torch.rand(batch, width, vocab).softmax(dim=-1))
+        # A node's "slot" is its index in the candidate pool.
+        pool_index = (builder.depth - 1) * nodes + torch.arange(nodes).expand(batch, -1)
+        paths = child_paths(paths, builder.frontier_parents, pool_index)
+    parents = torch.cat(builder.parents, dim=1)
+    for request in range(batch):
+        for local in range(nodes):
+            node, chain = (builder.depth - 1) * nodes + local, []
+            while node >= 0:
+                chain.append(node)
+                node = int(parents[request, node])
+            assert paths[request, local].tolist() == chain[::-1]

@@ -127,6 +127,61 @@ def _rotated_halves(x1, x2, cos, sin):
 
 
 @triton.jit
+def load_rotated_query(query_row, cos_sin_row, HALF: tl.constexpr):
+    """A query's halves, rotated at the position whose cos/sin row is given."""
+    half = tl.arange(0, HALF)
+    q1 = tl.load(query_row + half).to(tl.float32)
+    q2 = tl.load(query_row + HALF + half).to(tl.float32)
+    return _rotated_halves(q1, q2, tl.load(cos_sin_row + half),
+                           tl.load(cos_sin_row + HALF + half))
+
+
+@triton.jit
+def empty_softmax_state(HALF: tl.constexpr):
+    """Running max, running sum and the two output halves of an online softmax."""
+    zeros = tl.zeros((HALF,), dtype=tl.float32)
+    return float("-inf"), 0.0, zeros, zeros
+
+
+@triton.jit
+def attend_rotated_block(q1, q2, key_cache, value_cache, slots, compact, valid, kv_head,
+                         cos_sin, stride_slot, stride_kv_head, stride_cos, scale,
+                         running_max, running_sum, acc1, acc2, HALF: tl.constexpr):
+    """One online-softmax step of one query (halves q1, q2, rotated) over a
+    block of un-rotated keys at `slots`, rotated at their `compact` positions."""
+    half = tl.arange(0, HALF)
+    k_base = key_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
+    k1 = tl.load(k_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    k2 = tl.load(k_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    cos = tl.load(cos_sin + compact[:, None] * stride_cos + half[None, :],
+                  mask=valid[:, None], other=1.0)
+    sin = tl.load(cos_sin + compact[:, None] * stride_cos + HALF + half[None, :],
+                  mask=valid[:, None], other=0.0)
+    k1, k2 = _rotated_halves(k1, k2, cos, sin)
+    logits = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
+    logits = tl.where(valid, logits, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+    correction = tl.exp(running_max - new_max)
+    probs = tl.exp(logits - new_max)
+    v_base = value_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
+    v1 = tl.load(v_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    v2 = tl.load(v_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    acc1 = acc1 * correction + tl.sum(probs[:, None] * v1, axis=0)
+    acc2 = acc2 * correction + tl.sum(probs[:, None] * v2, axis=0)
+    running_sum = running_sum * correction + tl.sum(probs, axis=0)
+    return new_max, running_sum, acc1, acc2
+
+
+@triton.jit
+def store_attention_row(out_row, lse_at, acc1, acc2, running_max, running_sum,
+                        HALF: tl.constexpr):
+    half = tl.arange(0, HALF)
+    tl.store(out_row + half, (acc1 / running_sum).to(out_row.dtype.element_ty))
+    tl.store(out_row + HALF + half, (acc2 / running_sum).to(out_row.dtype.element_ty))
+    tl.store(lse_at, running_max + tl.log(running_sum))
+
+
+@triton.jit
 def _working_set_attention_kernel(
     query, key_cache, value_cache, block_tables, query_start_loc, token_rows,
     key_positions, num_keys, cos_sin, out, lse,
@@ -142,17 +197,10 @@ def _working_set_attention_kernel(
     n = tl.load(num_keys + row)
     # The query sits at its own key's compact position; it sees keys <= it.
     query_pos = n - query_len + (token - tl.load(query_start_loc + row))
-    half = tl.arange(0, HALF)
-    q_base = query + token * stride_q_token + head * stride_q_head
-    q1 = tl.load(q_base + half).to(tl.float32)
-    q2 = tl.load(q_base + HALF + half).to(tl.float32)
-    q1, q2 = _rotated_halves(q1, q2, tl.load(cos_sin + query_pos * stride_cos + half),
-                             tl.load(cos_sin + query_pos * stride_cos + HALF + half))
+    q1, q2 = load_rotated_query(query + token * stride_q_token + head * stride_q_head,
+                                cos_sin + query_pos * stride_cos, HALF)
     kv_head = head // group_size
-    running_max = float("-inf")
-    running_sum = 0.0
-    acc1 = tl.zeros((HALF,), dtype=tl.float32)
-    acc2 = tl.zeros((HALF,), dtype=tl.float32)
+    running_max, running_sum, acc1, acc2 = empty_softmax_state(HALF)
     for start in range(0, query_pos + 1, BLOCK_N):
         compact = start + tl.arange(0, BLOCK_N)
         valid = compact <= query_pos
@@ -160,30 +208,13 @@ def _working_set_attention_kernel(
         block = tl.load(block_tables + row * stride_table + positions // block_size,
                         mask=valid, other=0).to(tl.int64)
         slots = block * block_size + positions % block_size
-        k_base = key_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
-        k1 = tl.load(k_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        cos = tl.load(cos_sin + compact[:, None] * stride_cos + half[None, :],
-                      mask=valid[:, None], other=1.0)
-        sin = tl.load(cos_sin + compact[:, None] * stride_cos + HALF + half[None, :],
-                      mask=valid[:, None], other=0.0)
-        k1, k2 = _rotated_halves(k1, k2, cos, sin)
-        logits = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
-        logits = tl.where(valid, logits, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
-        correction = tl.exp(running_max - new_max)
-        probs = tl.exp(logits - new_max)
-        v_base = value_cache + slots[:, None] * stride_slot + kv_head * stride_kv_head
-        v1 = tl.load(v_base + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        v2 = tl.load(v_base + HALF + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc1 = acc1 * correction + tl.sum(probs[:, None] * v1, axis=0)
-        acc2 = acc2 * correction + tl.sum(probs[:, None] * v2, axis=0)
-        running_sum = running_sum * correction + tl.sum(probs, axis=0)
-        running_max = new_max
-    o_base = out + token * stride_o_token + head * stride_o_head
-    tl.store(o_base + half, (acc1 / running_sum).to(out.dtype.element_ty))
-    tl.store(o_base + HALF + half, (acc2 / running_sum).to(out.dtype.element_ty))
-    tl.store(lse + token * num_heads + head, running_max + tl.log(running_sum))
+        running_max, running_sum, acc1, acc2 = attend_rotated_block(
+            q1, q2, key_cache, value_cache, slots, compact, valid, kv_head, cos_sin,
+            stride_slot, stride_kv_head, stride_cos, scale,
+            running_max, running_sum, acc1, acc2, HALF)
+    store_attention_row(out + token * stride_o_token + head * stride_o_head,
+                        lse + token * num_heads + head, acc1, acc2, running_max,
+                        running_sum, HALF)
 
 
 def token_rows_of(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -42,6 +42,9 @@ class DynamicTreeBuilder:
         self.tokens: list[torch.Tensor] = []
         self.parents: list[torch.Tensor] = []  # index into the pool
         self.weights: list[torch.Tensor] = []
+        # For the newest layer: each node's parent as an index into the
+        # layer before (0: the root, for the first layer).
+        self.frontier_parents: torch.Tensor | None = None
         self.expected_length = torch.zeros(batch, device=device)
         self.growing = torch.ones(batch, dtype=torch.bool, device=device)
 
@@ -72,6 +75,7 @@ class DynamicTreeBuilder:
             frontier_index = torch.nn.functional.pad(frontier_index, (0, pad))
         layer_start = (self.depth - 1) * self.nodes
         parents = frontier_index + layer_start if self.depth else torch.full_like(tokens, -1)
+        self.frontier_parents = frontier_index
         self.tokens.append(tokens)
         self.parents.append(parents)
         self.weights.append(weights)
@@ -111,6 +115,18 @@ class DynamicTreeBuilder:
             weights=torch.where(valid, weights.gather(1, pool_order), 0.0),
             num_nodes=num_nodes,
         )
+
+
+def child_paths(parent_paths: torch.Tensor, frontier_parents: torch.Tensor,
+                child_slots: torch.Tensor) -> torch.Tensor:
+    """The paths of a new layer's nodes, for the draft's next tree forward:
+    `parent_paths` [batch, width, depth - 1] holds the previous layer's paths
+    (slots of depths 1..depth-1; [batch, 1, 0] at the root), `frontier_parents`
+    [batch, nodes] each new node's parent in it, `child_slots` [batch, nodes]
+    the new nodes' own slots. Returns [batch, nodes, depth]."""
+    gathered = parent_paths.gather(
+        1, frontier_parents[:, :, None].expand(-1, -1, parent_paths.shape[2]))
+    return torch.cat((gathered, child_slots[:, :, None]), dim=2)
 
 
 def accept_path(tree: DraftTree, target_tokens: torch.Tensor):
