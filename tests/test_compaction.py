@@ -1,5 +1,6 @@
 """After tree acceptance, the accepted path's K/V end up where a chain of
-the same tokens would have been written; other slots are untouched."""
+the same tokens would have been written; other slots are untouched. In
+vLLM's packed CPU cache this is checked through vLLM's own attention kernel."""
 
 import torch
 
@@ -34,3 +35,94 @@ def test_accepted_path_lands_at_chain_slots():
     assert len(source) == 3  # row 0 moves 1->0, 3->1, 6->2; row 2 is in place
     untouched = [s for s in range(cache.shape[0]) if s not in moved]
     assert torch.equal(cache[untouched], before[untouched])
+
+
+def test_compaction_in_vllms_cpu_cache(tiny_pair):
+    """Tree nodes written through vLLM's CPU cache write, the accepted path
+    compacted: vLLM's own attention kernel then reads, for the next token,
+    exactly what it reads from a cache that only ever held the chain."""
+    from types import SimpleNamespace
+
+    from vllm import _custom_ops as ops
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
+
+    from vllm_specextend.vllm_glue.tree_attention_backend import HybridTreeCPUAttentionImpl
+
+    load_general_plugins()
+    config = EngineArgs(
+        model=str(tiny_pair.target), dtype="float32", max_model_len=512,
+        speculative_config={"method": "specextend", "model": str(tiny_pair.draft),
+                            "num_speculative_tokens": 7, "hybrid_tree_attention": True},
+    ).create_engine_config()
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 64, 32
+    with set_current_vllm_config(config):
+        impl = HybridTreeCPUAttentionImpl(num_heads, head_dim, head_dim ** -0.5, num_kv_heads,
+                                          None, None, "auto")
+    # The attributes of vLLM's Attention layer that the cache write reads.
+    layer = SimpleNamespace(isa=_get_attn_isa(torch.float32, block_size, head_dim, "auto"),
+                            _k_scale_float=1.0, _v_scale_float=1.0)
+
+    prefix_len, nodes = 45, 7
+    accepted, num_accepted = torch.tensor([[1, 3, 6]]), torch.tensor([3])
+    table = torch.tensor([[2, 0, 3]], dtype=torch.int32)
+    num_blocks = 4
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(prefix_len + nodes + 1, num_kv_heads, head_dim, generator=generator)
+    values = torch.randn_like(keys)
+
+    def slots(positions):
+        return (table[0, positions // block_size].long() * block_size
+                + positions % block_size)
+
+    def empty_cache():
+        return torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_dim)
+
+    def write(cache, rows, positions):  # vLLM's own write, no mirror
+        CPUAttentionBackendImpl.do_kv_cache_update(impl, layer, keys[rows], values[rows],
+                                                   cache, slots(positions))
+
+    def next_token_attention(cache, query):
+        """vLLM's kernel for one query at position prefix_len + 3."""
+        seq_lens = torch.tensor([prefix_len + 4], dtype=torch.int32)
+        query_start_loc = torch.tensor([0, 1], dtype=torch.int32)
+        key_cache, value_cache = cache.view(
+            num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
+        output = torch.empty(1, num_heads, head_dim)
+        metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=1, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            seq_lens=seq_lens, dtype=torch.float32, query_start_loc=query_start_loc,
+            causal=True, sliding_window_size=-1, isa=layer.isa, enable_kv_split=False)
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+            query_start_loc=query_start_loc, seq_lens=seq_lens, scale=impl.scale,
+            causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
+            softcap=0, scheduler_metadata=metadata, s_aux=None, dynamic_causal=None,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        return output
+
+    # Target-only: the prefix, the accepted tokens and the next token, in order.
+    chain_rows = torch.cat((torch.arange(prefix_len), prefix_len + accepted[0],
+                            torch.tensor([prefix_len + nodes])))
+    chain_cache = empty_cache()
+    write(chain_cache, chain_rows, torch.arange(prefix_len + 4))
+    # Tree step: prefix and every node (mirror too), then compaction, then the next token.
+    tree_cache = empty_cache()
+    impl.do_kv_cache_update(layer, keys[: prefix_len + nodes], values[: prefix_len + nodes],
+                            tree_cache, slots(torch.arange(prefix_len + nodes)))
+    uncompacted = tree_cache.clone()
+    source, destination = compaction_moves(accepted, num_accepted,
+                                           torch.tensor([prefix_len]), table, block_size)
+    impl.compact(layer, tree_cache, source, destination)
+    for cache in (tree_cache, uncompacted):
+        write(cache, torch.tensor([prefix_len + nodes]), torch.tensor([prefix_len + 3]))
+
+    query = torch.randn(1, num_heads, head_dim, generator=generator)
+    expected = next_token_attention(chain_cache, query)
+    assert torch.equal(next_token_attention(tree_cache, query), expected)
+    assert not torch.allclose(next_token_attention(uncompacted, query), expected, atol=1e-3)
+    chain_slots = slots(prefix_len + torch.arange(3))
+    assert torch.equal(impl.kv.keys[chain_slots], keys[prefix_len + accepted[0]])
+    assert torch.equal(impl.kv.values[chain_slots], values[prefix_len + accepted[0]])

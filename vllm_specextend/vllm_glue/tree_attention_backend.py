@@ -23,6 +23,7 @@ from vllm_specextend.attention.hybrid_tree_attention import (
     ancestor_bitmasks,
     hybrid_tree_attention_cpu,
 )
+from vllm_specextend.tree.compaction import apply_moves
 from vllm_specextend.vllm_glue.engine_config import settings_of
 from vllm_specextend.vllm_glue.kv_mirror import KVMirror
 
@@ -83,6 +84,18 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             logger.info("SpecExtend: Hybrid Tree Attention verified its first rows "
                         "(prefixes from %d tokens)", self.min_prefix_len)
         self.rows_verified += len(rows)
+
+    def compact(self, layer, kv_cache: torch.Tensor, source: torch.Tensor,
+                destination: torch.Tensor) -> None:
+        """After tree acceptance: move the accepted nodes' K/V to the slots a
+        chain of them would use (`tree.compaction` plans the moves), in the
+        mirror and in vLLM's cache. The cache's packed layout depends on the
+        CPU's ISA, so the moved rows are written again through vLLM's own
+        cache write rather than moved in place."""
+        apply_moves(self.kv.keys, source, destination)
+        apply_moves(self.kv.values, source, destination)
+        super().do_kv_cache_update(layer, self.kv.keys[destination],
+                                   self.kv.values[destination], kv_cache, destination)
 
 
 class HybridTreeCPUAttentionBackend(CPUAttentionBackend):
