@@ -80,8 +80,9 @@ def plan_draft_rows(
         key_positions = torch.where(use_set[:, None], retrieved, key_positions)
         num_older = torch.where(use_set, counts, num_older)
     num_keys = num_older + row_len
-    if bool((num_keys > draft_max_positions).any()):
-        raise AssertionError("a draft row would see a position past the draft's range")
+    # Holds by construction; checked on device so the GPU path never syncs.
+    torch._assert_async((num_keys <= draft_max_positions).all(),
+                        "a draft row would see a position past the draft's range")
     key_positions = torch.where(offsets[None, :] < num_keys[:, None], key_positions, 0)
     return DraftRows(
         block_tables=block_table[row_request],

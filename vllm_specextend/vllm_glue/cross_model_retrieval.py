@@ -34,10 +34,12 @@ class FinalLayerCapture:
     """Replaces the target's last attention `impl.forward`: copies queries
     and keys, then runs vLLM's own attention unchanged."""
 
-    def __init__(self, original_forward):
+    def __init__(self, original_forward, shared_mirror: KVMirror | None = None):
         self.original_forward = original_forward
         self.queries: torch.Tensor | None = None  # [tokens, heads, head_dim]
-        self.key_mirror = KVMirror(with_values=False)
+        # The HTA backend mirrors this layer already (written before forward).
+        self.owns_mirror = shared_mirror is None
+        self.key_mirror = KVMirror(with_values=False) if self.owns_mirror else shared_mirror
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is not None:
@@ -45,7 +47,9 @@ class FinalLayerCapture:
             if self.queries is None or self.queries.shape[0] < num_tokens:
                 self.queries = torch.empty_like(query[:num_tokens])
             self.queries[:num_tokens] = query[:num_tokens]
-            self.key_mirror.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
+            if self.owns_mirror:
+                self.key_mirror.write(kv_cache, key, value, attn_metadata.slot_mapping,
+                                      num_tokens)
         return self.original_forward(layer, query, key, value, kv_cache, attn_metadata,
                                      output, *args, **kwargs)
 

@@ -132,7 +132,8 @@ def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig
 
 def install_final_layer_capture(target_model: nn.Module) -> FinalLayerCapture:
     impl = _rotary_attention_modules(target_model)[-1].attn.impl
-    capture = FinalLayerCapture(impl.forward)
+    shared = impl.kv if getattr(impl, "mirror_kv", False) else None  # the HTA backend's
+    capture = FinalLayerCapture(impl.forward, shared)
     impl.forward = capture.forward
     return capture
 
