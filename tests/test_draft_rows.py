@@ -63,6 +63,7 @@ def test_decode_block_follows_its_working_set():
     rows = plan_draft_rows(qsl, seq_lens, table, 8, 4, 12, (set_positions, set_counts))
     assert keys(rows, 0) == [0, 1, 2, 3, 20, 21, 38, 39]  # the set, then its own queries
     assert keys(rows, 1) == [0, 1, 2, 3]  # no set: the window (its whole context)
+    assert rows.uses_working_set.tolist() == [True, False]
 
 
 def test_working_set_refreshed_mid_prefill_falls_back_to_the_window():
@@ -79,3 +80,4 @@ def test_working_set_refreshed_mid_prefill_falls_back_to_the_window():
                            torch.zeros(1, 8, dtype=torch.int32), 8, 4, 12,
                            (set_positions, set_counts))
     assert keys(rows, 0) == list(range(22, 31))
+    assert not rows.uses_working_set.any()

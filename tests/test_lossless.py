@@ -69,6 +69,7 @@ def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
     # Prompts past the working cache (4 x 32 + 64 + refresh x 5) got working sets.
     budget = 4 * 32 + 64 + variant["refresh_every"] * 5
     assert re.search(rf"first working sets selected \(\d+ of \d+ requests past {budget} tokens\)", log)
+    assert "the draft attended to its first working sets" in log
 
 
 def test_hybrid_tree_attention_verified_rows(specextend_run):

@@ -30,6 +30,7 @@ class DraftRows:
     query_start_loc: torch.Tensor  # [rows + 1]
     key_positions: torch.Tensor  # [rows, max_keys] true positions, in order
     num_keys: torch.Tensor  # [rows]
+    uses_working_set: torch.Tensor  # [rows] bool: attends to its working set
 
 
 def plan_draft_rows(
@@ -67,6 +68,7 @@ def plan_draft_rows(
     max_keys = window + piece_len
     offsets = torch.arange(max_keys, device=device)
     key_positions = window_start[:, None] + offsets[None, :]
+    use_set = torch.zeros_like(row_len, dtype=torch.bool)
     if working_set_keys is not None:
         set_positions, set_counts = working_set_keys
         counts = set_counts.long()[row_request]
@@ -89,4 +91,5 @@ def plan_draft_rows(
         query_start_loc=torch.cat((row_start, row_end[-1:])).to(torch.int32),
         key_positions=key_positions,
         num_keys=num_keys.to(torch.int32),
+        uses_working_set=use_set,
     )

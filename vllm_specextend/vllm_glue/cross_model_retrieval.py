@@ -64,9 +64,9 @@ class CrossModelRetrieval:
         self.capture = capture
         self.min_len = settings.effective_retrieval_min_len(num_speculative_tokens)
         self.steps = 0
-        # request id -> (kept chunks [num_chunks] bool, window start [] int64),
-        # as of the last refresh
-        self.working_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The last refresh's working sets, one row per request it scored.
+        self.refreshed_rows: dict[str, int] = {}
+        self.refreshed_sets: WorkingSets | None = None
         self._logged_first_selection = False
 
     def refresh(self, req_ids: list[str], query_indices: torch.Tensor,
@@ -85,9 +85,8 @@ class CrossModelRetrieval:
         short = context_lens <= self.min_len
         kept = sets.kept_chunks & ~short[:, None]
         window_start = torch.where(short, NO_WORKING_SET, sets.window_start)
-        self.working_sets = {
-            req_id: (kept[row], window_start[row]) for row, req_id in enumerate(req_ids)
-        }
+        self.refreshed_sets = WorkingSets(kept, window_start, settings.chunk_size)
+        self.refreshed_rows = {req_id: row for row, req_id in enumerate(req_ids)}
         if not self._logged_first_selection and bool((~short).any()):
             self._logged_first_selection = True
             logger.info("SpecExtend: first working sets selected (%d of %d requests "
@@ -111,18 +110,16 @@ class CrossModelRetrieval:
             context_lens = target_positions[query_indices].long() + 1
             self.refresh(req_ids, query_indices, context_lens, block_table, max_len)
         self.steps += 1
-        if not self.working_sets:
+        if not self.refreshed_rows:
             return None
-        max_chunks = max(kept.shape[0] for kept, _ in self.working_sets.values())
-        device = block_table.device
-        kept = torch.zeros((len(req_ids), max_chunks), dtype=torch.bool, device=device)
-        window_start = torch.full((len(req_ids),), NO_WORKING_SET, device=device)
-        for row, req_id in enumerate(req_ids):
-            if req_id in self.working_sets:  # else: new since the last refresh
-                chunks, start = self.working_sets[req_id]
-                kept[row, : chunks.shape[0]] = chunks
-                window_start[row] = start
-        return WorkingSets(kept, window_start, self.settings.chunk_size)
+        # Requests new since the last refresh have no working set yet.
+        rows = torch.tensor([self.refreshed_rows.get(req_id, -1) for req_id in req_ids],
+                            device=block_table.device)
+        refreshed = rows >= 0
+        sets, rows = self.refreshed_sets, rows.clamp(min=0)
+        return WorkingSets(sets.kept_chunks[rows] & refreshed[:, None],
+                           torch.where(refreshed, sets.window_start[rows], NO_WORKING_SET),
+                           self.settings.chunk_size)
 
 
 def _mean_over_tensor_parallel_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class DraftRowPlanner:
         self.working_sets: WorkingSets | None = None
         self._metadata = None
         self._rows: DraftRows | None = None
+        self._logged_first_use = False
 
     def rows_for(self, attn_metadata) -> DraftRows:
         if attn_metadata is not self._metadata:
@@ -68,6 +69,11 @@ class DraftRowPlanner:
                 self.draft_max_positions, working_set_keys,
             )
             self._metadata = attn_metadata
+            # Checked (a host sync) only until the first working set is used.
+            if not self._logged_first_use and working_set_keys is not None \
+                    and bool(self._rows.uses_working_set.any()):
+                self._logged_first_use = True
+                logger.info("SpecExtend: the draft attended to its first working sets")
         return self._rows
 
 
