@@ -91,9 +91,9 @@ def draft_tree_attention_cpu(
         grouped = q.view(nodes, num_kv_heads, group, head_dim)
 
         # Context part: [kv_heads, group * nodes, m].
-        keys = rotate(key_mirror[context_slots[row, :m]],
-                      torch.arange(m, device=query.device), cos_sin).transpose(0, 1)
-        values = value_mirror[context_slots[row, :m]].float().transpose(0, 1)
+        slots = context_slots[row, :m]
+        keys = rotate(key_mirror.index_select(0, slots), slice(0, m), cos_sin).transpose(0, 1)
+        values = value_mirror.index_select(0, slots).float().transpose(0, 1)
         logits = torch.matmul(grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim),
                               keys.transpose(1, 2)).mul_(scale)
         context_lse = logits.logsumexp(dim=-1)

@@ -52,7 +52,7 @@ def _is_visible(masks: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 def _gather(cache: torch.Tensor, block_table_row: torch.Tensor, positions: torch.Tensor,
             block_size: int) -> torch.Tensor:
-    return cache[slots_of(block_table_row, positions, block_size)].float()
+    return cache.index_select(0, slots_of(block_table_row, positions, block_size)).float()
 
 
 def tree_attention_reference(

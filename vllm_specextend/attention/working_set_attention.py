@@ -25,13 +25,20 @@ import triton.language as tl
 from vllm_specextend.paged_cache import slots_of
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """NeoX RoPE of x [..., n, heads, head_dim] at positions [..., n]."""
+def rotate(x: torch.Tensor, positions: torch.Tensor | slice,
+           cos_sin: torch.Tensor) -> torch.Tensor:
+    """NeoX RoPE of x [..., n, heads, head_dim] at positions [..., n] (a
+    slice for a run of consecutive positions: a view, not a gather)."""
     half = x.shape[-1] // 2
     cos, sin = cos_sin[positions].float().split(half, dim=-1)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.float().split(half, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    # Written in place into the two halves: no temporaries, no cat.
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out1, out2 = out.split(half, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
 
 
 def working_set_attention_reference(
@@ -98,9 +105,10 @@ def working_set_attention_cpu(
             continue
         slots = slots_of(block_tables[row], key_positions[row, :n], block_size)
         compact = torch.arange(n, device=query.device)
-        keys = rotate(key_cache[slots], compact, cos_sin).transpose(0, 1)
-        values = value_cache[slots].float().transpose(0, 1)
-        q = rotate(query[start:end], compact[n - query_len:], cos_sin)
+        # index_select and slices: several times faster than indexing on CPU
+        keys = rotate(key_cache.index_select(0, slots), slice(0, n), cos_sin).transpose(0, 1)
+        values = value_cache.index_select(0, slots).float().transpose(0, 1)
+        q = rotate(query[start:end], slice(n - query_len, n), cos_sin)
         causal = compact[None, :] <= compact[n - query_len:, None]
         if query_len <= _MATMUL_MAX_QUERY_LEN:
             # [kv_heads, group * query_len, head_dim]: one matmul per KV head.
