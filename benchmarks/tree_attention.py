@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import random
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kernel_timing import save_results, seconds
 from machine import machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,19 +112,6 @@ def method_calls(case, flex_compiled):
     return calls
 
 
-def seconds(fn, repeats: int, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up (and compile)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def compiled_flex():
     """(compiled flex_attention, None) or (None, why it is unavailable)."""
     try:
@@ -206,11 +192,8 @@ def main() -> None:
     results = {"device": device_name, "dtype": str(dtype), "torch": torch.__version__,
                "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "flex_unavailable": flex_error, "rows": rows}
-    out = Path(args.out) if args.out else RESULTS / f"tree_attention_{device.type}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
-    print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    save_results(results, Path(args.out) if args.out
+                 else RESULTS / f"tree_attention_{device.type}", plot)
 
 
 if __name__ == "__main__":

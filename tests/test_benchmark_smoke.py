@@ -44,3 +44,13 @@ def test_needle_smoke(tmp_path):
     assert len(samples(tmp_path / "needle.jsonl")) == 4
     report = (tmp_path / "needle.md").read_text()
     assert "| specextend[selection=recency] | 2 |" in report
+
+
+def test_draft_attention_smoke(tmp_path):
+    out = tmp_path / "draft_attention"
+    run("draft_attention.py", "--contexts", 256, 2048, "--working-set", 512, "--repeats", 1,
+        "--out", out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["context_len"] for r in rows] == [256, 2048]
+    assert all(r["us"]["working_set"] > 0 and r["us"]["vllm_full_context"] > 0 for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 0
