@@ -22,6 +22,8 @@ def summarize(path: Path) -> tuple[dict, list[dict]]:
     for r in lines:
         if r["kind"] == "sample":
             groups[(r["method"], r["input"])].append(r)
+    ar_ids = {(r["input"], r["sample"], r["run"]): r["token_ids"]
+              for r in lines if r["kind"] == "sample" and r["method"] == "ar"}
 
     def mean(rows, key):
         values = [r[key] for r in rows if r[key] is not None]
@@ -35,6 +37,8 @@ def summarize(path: Path) -> tuple[dict, list[dict]]:
             "prefill_s": mean(samples, "prefill_s"),
             "decode_tokens_per_s": mean(samples, "decode_tokens_per_s"),
             "mean_accepted_length": mean(samples, "mean_accepted_length"),
+            "acceptance_rate": mean(samples, "acceptance_rate"),
+            "equal_to_ar": None if method == "ar" else equal_to(samples, ar_ids),
         })
     rows.sort(key=lambda r: (r["prompt_tokens"], r["method"]))
     ar_speed = {r["input"]: r["decode_tokens_per_s"] for r in rows if r["method"] == "ar"}
@@ -44,17 +48,28 @@ def summarize(path: Path) -> tuple[dict, list[dict]]:
     return header, rows
 
 
+def equal_to(samples: list[dict], reference: dict) -> tuple[int, int]:
+    """(samples whose greedy output equals the reference's, samples with one)."""
+    pairs = [(r["token_ids"], reference.get((r["input"], r["sample"], r["run"])))
+             for r in samples]
+    compared = [(got, expected) for got, expected in pairs if expected is not None]
+    return sum(got == expected for got, expected in compared), len(compared)
+
+
 def table(header: dict, rows: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     out = [f"Machine: {header['machine']}; k={header['k']}, {header['dtype']}, "
            f"{header['max_new_tokens']} new tokens, greedy.", "",
            "| input | prompt tokens | method | samples | prefill s | decode tok/s | "
-           "vs ar | mean accepted length |", "|---|---|---|---|---|---|---|---|"]
+           "vs ar | mean accepted length | acceptance rate | output = ar |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        equal = "-" if r["equal_to_ar"] is None else "{}/{}".format(*r["equal_to_ar"])
         out.append(f"| {r['input']} | {fmt(r['prompt_tokens'], '.0f')} | {r['method']} | "
                    f"{r['samples']} | {fmt(r['prefill_s'], '.1f')} | "
                    f"{fmt(r['decode_tokens_per_s'], '.2f')} | {fmt(r['speed_vs_ar'], '.2f')}x | "
-                   f"{fmt(r['mean_accepted_length'], '.2f')} |")
+                   f"{fmt(r['mean_accepted_length'], '.2f')} | "
+                   f"{fmt(r['acceptance_rate'], '.2f')} | {equal} |")
     return "\n".join(out) + "\n"
 
 

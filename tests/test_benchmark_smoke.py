@@ -31,7 +31,8 @@ def test_long_input_smoke_and_plot(tmp_path):
     assert all(r["new_tokens"] == 8 for r in records)
     run("plot_long_input.py", out)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "| specextend |" in out.with_suffix(".md").read_text()
+    assert "| specextend | 2 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".md").read_text().count(" | 2/2 |") == 1  # outputs equal ar's
 
 
 def test_needle_smoke(tmp_path):
