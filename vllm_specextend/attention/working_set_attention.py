@@ -104,18 +104,20 @@ def working_set_attention_cpu(
         if query_len == 0:
             continue
         slots = slots_of(block_tables[row], key_positions[row, :n], block_size)
-        compact = torch.arange(n, device=query.device)
         # index_select and slices: several times faster than indexing on CPU
         keys = rotate(key_cache.index_select(0, slots), slice(0, n), cos_sin).transpose(0, 1)
         values = value_cache.index_select(0, slots).float().transpose(0, 1)
         q = rotate(query[start:end], slice(n - query_len, n), cos_sin)
-        causal = compact[None, :] <= compact[n - query_len:, None]
+        # A single query (most decode rows) sees every key: no mask to build.
+        if query_len > 1:
+            compact = torch.arange(n, device=query.device)
+            causal = compact[None, :] <= compact[n - query_len:, None]
         if query_len <= _MATMUL_MAX_QUERY_LEN:
             # [kv_heads, group * query_len, head_dim]: one matmul per KV head.
             grouped = q.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
             logits = torch.matmul(grouped.reshape(num_kv_heads, -1, head_dim),
                                   keys.transpose(1, 2)) * scale
-            if query_len > 1:  # a single query sees every key
+            if query_len > 1:
                 logits = logits.view(num_kv_heads, group, query_len, n).masked_fill(
                     ~causal, float("-inf")).view(num_kv_heads, -1, n)
             attended = torch.matmul(logits.softmax(dim=-1), values)
