@@ -3,16 +3,17 @@ kernel over the whole context (what `draft_model` runs) vs SpecExtend's
 compact attention over the working set (what `specextend` runs), side by
 side in one run, for contexts of 1K to 32K tokens.
 
-    python benchmarks/draft_attention.py [--contexts 1024 ... 32768] [--working-set 1300]
+    python benchmarks/draft_attention.py [--contexts 1024 ... 32768]
 
 Methods (one query token, as in every draft forward after the first):
   vllm_full_context    vLLM's `cpu_attention_with_kv_cache` over the whole
                        context in its packed cache (block size 128, vLLM's
                        CPU default)
-  working_set          `working_set_attention_cpu` over the working set: the
-                       first chunk, random chunks and the newest tokens, as
-                       many keys as the default budget (1,300 for k=4), read
-                       from the plain mirror and rotated at compact positions
+  working_set          `working_set_attention_cpu` over what CMR keeps with
+                       the default settings (k=4): the whole context up to
+                       the 1,300-token budget, else the working set selected
+                       for random chunk scores, read from the plain mirror and
+                       rotated at compact positions
 Writes JSON (microseconds, ratios to vllm_full_context) and a PNG. Shapes
 default to the Qwen2.5-Coder-0.5B draft (14 heads, 2 KV heads, head_dim 64).
 CPU only: vLLM's CPU kernel is the baseline.
@@ -29,24 +30,28 @@ import torch
 
 from kernel_timing import save_results, seconds
 from machine import machine
+from vllm_specextend.config import SpecExtendConfig
+from vllm_specextend.retrieval.working_set import select_working_sets, working_set_positions
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["vllm_full_context", "working_set"]
 VLLM_CPU_BLOCK_SIZE = 128
 
 
-def working_set_positions(context_len: int, budget: int, chunk: int,
-                          generator: torch.Generator) -> torch.Tensor:
-    """First chunk + random chunks + the newest tokens, `budget` in all."""
+def kept_positions(context_len: int, generator: torch.Generator) -> torch.Tensor:
+    """What CMR's draft attends to under the default settings (k=4): the
+    whole context within the budget, else the working set that
+    `select_working_sets` keeps for random chunk scores."""
+    settings = SpecExtendConfig()
+    budget = settings.working_cache_budget(4)
     if context_len <= budget:
         return torch.arange(context_len)
-    recent = budget // 4
-    older_chunks = (context_len - recent) // chunk
-    picked = torch.randperm(older_chunks - 1, generator=generator)[: (budget - recent) // chunk - 1]
-    chunks = torch.cat((torch.tensor([0]), 1 + picked)).sort().values
-    positions = (chunks[:, None] * chunk + torch.arange(chunk)).flatten()
-    newest = torch.arange(context_len - (budget - len(positions)), context_len)
-    return torch.cat((positions, newest))
+    scores = torch.rand(1, -(-context_len // settings.chunk_size), generator=generator)
+    lens = torch.tensor([context_len])
+    sets = select_working_sets(scores, lens, settings.chunk_size, settings.top_k_chunks,
+                               settings.recent_tokens)
+    positions, count = working_set_positions(sets, lens, context_len, budget)
+    return positions[0, : int(count[0])]
 
 
 def method_calls(context_len, args, generator):
@@ -93,8 +98,7 @@ def method_calls(context_len, args, generator):
     key_mirror = torch.zeros(num_blocks * block_size, kv_heads, head_dim)
     value_mirror = torch.zeros_like(key_mirror)
     key_mirror[slots], value_mirror[slots] = keys, values
-    positions = working_set_positions(context_len - 1, args.working_set, args.chunk,
-                                      generator)
+    positions = kept_positions(context_len - 1, generator)
     positions = torch.cat((positions, torch.tensor([context_len - 1])))[None]
     num_keys = torch.tensor([positions.shape[1]], dtype=torch.int32)
     cos_sin = torch.randn(32768, head_dim)
@@ -104,7 +108,8 @@ def method_calls(context_len, args, generator):
                                   query_start_loc, positions, num_keys, cos_sin, block_size,
                                   scale)
 
-    return {"vllm_full_context": vllm_full_context, "working_set": working_set}
+    calls = {"vllm_full_context": vllm_full_context, "working_set": working_set}
+    return calls, int(num_keys[0])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -130,8 +135,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--working-set", type=int, default=1300)
-    parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--heads", type=int, default=14)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -143,15 +146,16 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for context_len in args.contexts:
+        calls, keys_attended = method_calls(context_len, args, generator)
         us = {method: 1e6 * seconds(call, args.repeats, torch.device("cpu"))
-              for method, call in method_calls(context_len, args, generator).items()}
-        row = {"context_len": context_len, "us": us,
+              for method, call in calls.items()}
+        row = {"context_len": context_len, "keys_attended": keys_attended, "us": us,
                "vs_vllm": {m: t / us["vllm_full_context"] for m, t in us.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     results = {"device": f"CPU: {machine()}, torch threads: {torch.get_num_threads()}",
                "torch": torch.__version__, "heads": args.heads, "kv_heads": args.kv_heads,
-               "head_dim": args.head_dim, "working_set": args.working_set, "rows": rows}
+               "head_dim": args.head_dim, "rows": rows}
     save_results(results, Path(args.out), plot)
 
 

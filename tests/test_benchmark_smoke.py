@@ -49,8 +49,7 @@ def test_needle_smoke(tmp_path):
 
 def test_draft_attention_smoke(tmp_path):
     out = tmp_path / "draft_attention"
-    run("draft_attention.py", "--contexts", 256, 2048, "--working-set", 512, "--repeats", 1,
-        "--out", out)
+    run("draft_attention.py", "--contexts", 256, 2048, "--repeats", 1, "--out", out)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["context_len"] for r in rows] == [256, 2048]
     assert all(r["us"]["working_set"] > 0 and r["us"]["vllm_full_context"] > 0 for r in rows)
