@@ -80,3 +80,24 @@ def test_working_cache_larger_than_draft_positions():
 def test_unsupported_draft_model_type():
     with pytest.raises(SpecExtendConfigError, match="speculative_config.model.*'gpt2'"):
         SpecExtendConfig().check_fits_engine(**{**FIT, "draft_model_type": "gpt2"})
+
+
+def test_tree_mode_budget_counts_the_deepest_path():
+    """Trees accept at most tree_max_depth + 1 tokens a step, whatever the
+    node budget (vLLM's num_speculative_tokens)."""
+    tree = SpecExtendConfig(tree=True, tree_nodes=50, tree_max_depth=10)
+    assert tree.verifies_with_hta and tree.tokens_per_step(50) == 11
+    # 32 x 32 + 256 + 4 refreshes x 11 tokens
+    assert tree.working_cache_budget(50) == 1324
+    # The first pass (50 nodes + bonus) and a path of 10 on top of the window.
+    assert tree.draft_positions_past_window(50) == 61
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("tree_nodes", 64, "less than or equal to 63"),
+    ("tree_max_depth", 33, "less than or equal to 32"),
+    ("tree_threshold", -0.1, "greater than or equal to 0"),
+])
+def test_tree_limits_are_named(field, value, allowed):
+    with pytest.raises(SpecExtendConfigError, match=rf"speculative_config\.{field}={value}.*{allowed}"):
+        SpecExtendConfig.from_settings({field: value})

@@ -22,12 +22,17 @@ def target_only(tiny_pair, mixed_prompts, tmp_path_factory):
 SMALL_BUDGET = {"chunk_size": 32, "top_k_chunks": 4, "recent_tokens": 64}
 
 
-# Refresh every step, every 8 steps, the recency-only ablation, and
-# verification through the Hybrid Tree Attention backend for prefixes >= 64.
+# Refresh every step, every 8 steps, the recency-only ablation,
+# verification through the Hybrid Tree Attention backend for prefixes >= 64,
+# and tree mode with CMR on and off.
 HYBRID_TREE_ATTENTION = {"hybrid_tree_attention": True, "hybrid_tree_attention_min_len": 64}
+TREES = {"tree": True, "tree_nodes": 12, "tree_max_depth": 5}
 VARIANTS = [{"refresh_every": 1}, {"refresh_every": 8},
             {"refresh_every": 4, "selection": "recency"},
-            {"refresh_every": 4, **HYBRID_TREE_ATTENTION}]
+            {"refresh_every": 4, **HYBRID_TREE_ATTENTION},
+            {"refresh_every": 2, **TREES},
+            {"refresh_every": 4, "retrieval": False, **TREES}]
+CHAIN_DRAFT_TOKENS = 4
 
 
 @pytest.fixture(scope="module", params=VARIANTS,
@@ -39,7 +44,8 @@ def specextend_run(request, tiny_pair, mixed_prompts, tmp_path_factory):
         "speculative_config": {
             "method": "specextend",
             "model": tiny_pair.draft,
-            "num_speculative_tokens": 4,
+            # Tree mode: vLLM's draft tokens are the tree's nodes.
+            **({} if variant.get("tree") else {"num_speculative_tokens": CHAIN_DRAFT_TOKENS}),
             **SMALL_BUDGET,
             **variant,
         },
@@ -66,8 +72,14 @@ def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
     counters = result["spec_decode"]
     assert counters["vllm:spec_decode_num_drafts"] > 0
     assert counters["vllm:spec_decode_num_accepted_tokens"] > 0
-    # Prompts past the working cache (4 x 32 + 64 + refresh x 5) got working sets.
-    budget = 4 * 32 + 64 + variant["refresh_every"] * 5
+    if not variant.get("retrieval", True):
+        assert "working sets" not in log
+        return
+    # Prompts past the working cache (4 x 32 + 64 + refresh x tokens per
+    # step: a chain's drafts or a tree's deepest path, plus the bonus) got
+    # working sets.
+    per_step = variant.get("tree_max_depth", CHAIN_DRAFT_TOKENS) + 1
+    budget = 4 * 32 + 64 + variant["refresh_every"] * per_step
     assert re.search(rf"first working sets selected \(\d+ of \d+ requests past {budget} tokens\)", log)
     assert "the draft attended to its first working sets" in log
 
@@ -75,7 +87,18 @@ def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
 def test_hybrid_tree_attention_verified_rows(specextend_run):
     _, log, variant = specextend_run
     verified = "Hybrid Tree Attention verified its first rows" in log
-    assert verified == bool(variant.get("hybrid_tree_attention"))
+    assert verified == bool(variant.get("hybrid_tree_attention") or variant.get("tree"))
+
+
+def test_tree_mode_drafted_trees(specextend_run):
+    result, log, variant = specextend_run
+    assert ("drafted the first trees" in log) == bool(variant.get("tree"))
+    if variant.get("tree"):
+        assert "tree mode on" in log
+        # Trees of up to tree_nodes nodes went to vLLM as draft tokens.
+        counters = result["spec_decode"]
+        per_draft = counters["vllm:spec_decode_num_draft_tokens"] / counters["vllm:spec_decode_num_drafts"]
+        assert 1 < per_draft <= variant["tree_nodes"]
 
 
 def test_settings_reach_engine_core_and_workers(specextend_run):
@@ -97,4 +120,7 @@ def test_settings_reach_engine_core_and_workers(specextend_run):
         assert len(settings) == 1, f"{process} logged its settings {len(settings)} times"
     front = [l for l in lines if "SpecExtend settings (front end)" in l]
     assert len(front) == 1
-    assert any("Cross-model Retrieval on; Hybrid Tree Attention" in l for l in lines)
+    retrieval = ("Cross-model Retrieval on" if variant.get("retrieval", True)
+                 else "retrieval=false")
+    drafting = "tree mode on" if variant.get("tree") else "chain drafts"
+    assert any(f"{retrieval}; {drafting}" in l for l in lines)

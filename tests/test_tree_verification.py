@@ -79,3 +79,15 @@ def test_each_node_is_verified_as_the_chain_of_its_path():
         path = torch.tensor(path[::-1])
         chain_out, _ = attend(path, prefix_len + torch.arange(len(path)))
         torch.testing.assert_close(tree_out[node], chain_out[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_accepted_path_moves_right_after_the_root():
+    """Columns (0: root, 1 + i: node i) in the order the draft's first pass
+    and vLLM's bookkeeping read them: root, accepted path, the rest."""
+    from vllm_specextend.tree.verification import accepted_first_order
+
+    accepted = torch.tensor([[1, 4, -1], [-1, -1, -1], [0, -1, -1]])
+    order = accepted_first_order(accepted, torch.tensor([2, 0, 1]), torch.tensor([5, 2, 1]))
+    assert order[0].tolist() == [0, 2, 5, 1, 3, 4]
+    assert order[1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert order[2].tolist() == [0, 1, 2, 3, 4, 5]

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 METHOD_NAME = "specextend"
 # Where the settings travel to engine-core and worker processes.
 ADDITIONAL_CONFIG_KEY = "specextend"
+# Ancestor masks are one int64 per node, the root included.
+MAX_TREE_NODES = 63
+# The draft tree kernel reads a path in one block of 32 keys.
+MAX_TREE_DEPTH = 32
 # Draft architectures with rotary positions: compact positions need RoPE.
 SUPPORTED_DRAFT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -48,9 +52,20 @@ class SpecExtendConfig(BaseModel):
     attention picks the top-k chunks; "recency", the first chunk and the
     newest chunks, same budget, no target scores (StreamingLLM-style ablation)."""
     hybrid_tree_attention: bool = False
-    """Verify through the Hybrid Tree Attention backend (vLLM's CPU build);
-    chain drafts are path-shaped trees. Off by default until tree drafting
-    lands: for chains vLLM's own kernel is as good."""
+    """Verify chains through the Hybrid Tree Attention backend (vLLM's CPU
+    build) as path-shaped trees; for chains vLLM's own kernel is as good.
+    Tree mode always verifies with it."""
+    tree: bool = False
+    """Draft dynamic trees (OPT-Tree style) instead of chains and verify
+    them in one target pass; vLLM's num_speculative_tokens becomes the node
+    budget `tree_nodes`."""
+    tree_nodes: int = Field(default=50, gt=0, le=MAX_TREE_NODES)
+    """Nodes per tree, and candidates kept per tree layer."""
+    tree_max_depth: int = Field(default=10, gt=0, le=MAX_TREE_DEPTH)
+    """Deepest tree layer the draft grows."""
+    tree_threshold: float = Field(default=0.7, ge=0)
+    """A tree stops growing when a layer adds no more than this to its
+    expected accepted length."""
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -64,10 +79,28 @@ class SpecExtendConfig(BaseModel):
         except ValidationError as exc:
             raise SpecExtendConfigError(_describe(exc)) from None
 
+    @property
+    def verifies_with_hta(self) -> bool:
+        return self.hybrid_tree_attention or self.tree
+
+    def tokens_per_step(self, num_speculative_tokens: int) -> int:
+        """Most tokens one verification step can accept: the accepted drafts
+        (a tree's deepest path) and the bonus token."""
+        return (self.tree_max_depth if self.tree else num_speculative_tokens) + 1
+
+    def draft_positions_past_window(self, num_speculative_tokens: int) -> int:
+        """Compact positions a draft row needs after its working set: the
+        tokens of its first pass (scheduled drafts, bonus token) and, for
+        trees, the deepest path grown on top of its root."""
+        if self.tree:
+            return num_speculative_tokens + 1 + self.tree_max_depth
+        return num_speculative_tokens
+
     def working_cache_budget(self, num_speculative_tokens: int) -> int:
         """Most draft context positions CMR can use: the top-k chunks, the
         recent window, and every token added between two refreshes."""
-        tokens_between_refreshes = self.refresh_every * (num_speculative_tokens + 1)
+        tokens_between_refreshes = self.refresh_every * self.tokens_per_step(
+            num_speculative_tokens)
         return (
             self.top_k_chunks * self.chunk_size
             + self.recent_tokens
@@ -103,7 +136,8 @@ class SpecExtendConfig(BaseModel):
                 f"{3 * block_size}, ... (or set --block-size to a divisor of "
                 f"chunk_size)."
             )
-        limit = draft_max_positions - num_speculative_tokens
+        past_window = self.draft_positions_past_window(num_speculative_tokens)
+        limit = draft_max_positions - past_window
         budget = self.working_cache_budget(num_speculative_tokens)
         if budget > limit:
             retrieved = self.top_k_chunks * self.chunk_size
@@ -114,10 +148,10 @@ class SpecExtendConfig(BaseModel):
                 f"speculative_config.top_k_chunks: the working cache "
                 f"(top_k_chunks={self.top_k_chunks} x chunk_size={self.chunk_size}"
                 f" + recent_tokens={self.recent_tokens} + refresh_every x "
-                f"(num_speculative_tokens + 1)={between_refreshes} = {budget} "
+                f"tokens per step={between_refreshes} = {budget} "
                 f"tokens) exceeds the draft's max_position_embeddings "
-                f"({draft_max_positions}) minus num_speculative_tokens "
-                f"({num_speculative_tokens}) = {limit}. Allowed: top_k_chunks in "
+                f"({draft_max_positions}) minus the {past_window} positions its "
+                f"drafts need = {limit}. Allowed: top_k_chunks in "
                 f"[1, {max_top_k}] with these settings, or lower recent_tokens, "
                 f"chunk_size or refresh_every."
             )

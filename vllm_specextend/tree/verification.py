@@ -47,3 +47,23 @@ def verification_layout(tree: DraftTree, root_tokens: torch.Tensor,
         parents=parents[scheduled],
         query_start_loc=torch.cat((counts.new_zeros(1), counts.cumsum(0))),
     )
+
+
+def accepted_first_order(accepted: torch.Tensor, num_accepted: torch.Tensor,
+                         num_nodes: torch.Tensor) -> torch.Tensor:
+    """Each request's scheduled tokens (root, then its nodes) reordered so
+    that the accepted path follows the root: [batch, 1 + width] column
+    indices, the other nodes after the path in their own order, padding last.
+    After compaction the accepted tokens sit at these chain positions, so
+    the draft's first pass reads them as vLLM reads an accepted chain."""
+    batch, depth = accepted.shape
+    width = int(num_nodes.max()) if batch else 0
+    columns = torch.arange(1 + width, device=accepted.device).expand(batch, -1)
+    # Rank: the root 0, path node j at j + 1, the rest after the path.
+    rank = (columns + 1 + depth).clone()
+    rank[:, 0] = 0
+    on_path = torch.arange(depth, device=accepted.device)[None, :] < num_accepted[:, None]
+    path_columns = torch.where(on_path, accepted + 1, 0)
+    path_ranks = torch.where(on_path, torch.arange(1, depth + 1, device=accepted.device), 0)
+    rank = rank.scatter(1, path_columns, path_ranks.expand(batch, -1).contiguous())
+    return rank.argsort(dim=1, stable=True)

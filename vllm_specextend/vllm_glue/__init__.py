@@ -12,6 +12,7 @@ from vllm_specextend.vllm_glue.engine_config import (
 )
 from vllm_specextend.vllm_glue.patching import Patch
 from vllm_specextend.vllm_glue.processes import wrap_init_with_settings
+from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
 PATCHES = [
     Patch(
@@ -55,5 +56,17 @@ PATCHES = [
         "GPUModelRunner._input_fits_in_drafter",
         wrap_input_fits_in_drafter,
         "draft for requests longer than the draft's positions",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._prepare_inputs",
+        wrap_prepare_inputs,
+        "tree mode: nodes at tree positions, the step's ancestor masks for HTA",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._sample",
+        wrap_sample,
+        "tree mode: accept a path of each tree, compact its K/V (no rejection sampler)",
     ),
 ]

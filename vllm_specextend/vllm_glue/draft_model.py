@@ -17,6 +17,10 @@ import logging
 import torch
 from torch import nn
 
+from vllm_specextend.attention.draft_tree_attention import (
+    draft_tree_attention,
+    draft_tree_attention_cpu,
+)
 from vllm_specextend.attention.working_set_attention import (
     working_set_attention,
     working_set_attention_cpu,
@@ -30,6 +34,7 @@ from vllm_specextend.vllm_glue.cross_model_retrieval import (
 )
 from vllm_specextend.vllm_glue.engine_config import settings_of
 from vllm_specextend.vllm_glue.kv_mirror import KVMirror
+from vllm_specextend.vllm_glue.tree_drafting import DraftTreeLayer, TreeDrafter
 
 logger = logging.getLogger("vllm.specextend")
 
@@ -91,15 +96,25 @@ class CompactDraftAttention:
         if attn_metadata is None:  # profiling / warm-up run
             return output
         num_tokens = attn_metadata.num_actual_tokens
-        self.kv.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
-        rows = self.planner.rows_for(attn_metadata)
-        arguments = (query[:num_tokens], self.kv.keys, self.kv.values, rows.block_tables,
-                     rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
-                     self.block_size, self.impl.scale)
-        if query.is_cuda:
-            out, _ = working_set_attention(*arguments)
+        query = query[:num_tokens]
+        if isinstance(attn_metadata, DraftTreeLayer):
+            self.kv.write(kv_cache, key, value, attn_metadata.node_slots, num_tokens)
+            kernels = (draft_tree_attention, draft_tree_attention_cpu)
+            arguments = (query, self.kv.keys, self.kv.values, attn_metadata.context_slots,
+                         attn_metadata.context_lens, attn_metadata.query_start_loc,
+                         attn_metadata.path_slots, attn_metadata.path_lens, self.cos_sin,
+                         self.impl.scale)
         else:
-            out = working_set_attention_cpu(*arguments)
+            self.kv.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
+            rows = self.planner.rows_for(attn_metadata)
+            kernels = (working_set_attention, working_set_attention_cpu)
+            arguments = (query, self.kv.keys, self.kv.values, rows.block_tables,
+                         rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
+                         self.block_size, self.impl.scale)
+        if query.is_cuda:
+            out, _ = kernels[0](*arguments)
+        else:
+            out = kernels[1](*arguments)
         output[:num_tokens] = out.reshape(output[:num_tokens].shape).to(output.dtype)
         return output
 
@@ -117,15 +132,30 @@ def _rotary_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "attn")]
 
 
-def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig,
-                              num_speculative_tokens: int, block_size: int,
-                              draft_max_positions: int) -> DraftRowPlanner:
-    """Rewire every attention module of the draft to one shared planner."""
-    window = settings.working_cache_budget(num_speculative_tokens)
-    planner = DraftRowPlanner(window, draft_max_positions - window, draft_max_positions)
+def draft_row_planner(settings: SpecExtendConfig, num_speculative_tokens: int,
+                      draft_max_positions: int) -> DraftRowPlanner:
+    """Rows that keep every compact position in the draft's range. With CMR
+    the window is the working-cache budget; tree mode without CMR gives the
+    draft a quarter of its positions for prefill pieces and the rest as its
+    sliding window. A tree grows up to `tree_max_depth` past any row."""
+    tree_depth = settings.tree_max_depth if settings.tree else 0
+    if settings.retrieval:
+        window = settings.working_cache_budget(num_speculative_tokens)
+        piece_len = draft_max_positions - window - tree_depth
+    else:
+        piece_len = draft_max_positions // 4
+        window = draft_max_positions - piece_len - tree_depth
+    return DraftRowPlanner(window, piece_len, draft_max_positions)
+
+
+def install_compact_attention(draft_model: nn.Module, planner: DraftRowPlanner,
+                              block_size: int) -> list[KVMirror]:
+    """Rewire every attention module of the draft to one shared planner;
+    returns the layers' mirrors."""
     modules = _rotary_attention_modules(draft_model)
     if not modules:
         raise ValueError("speculative_config.model: no rotary attention layers found in the draft")
+    mirrors = []
     for module in modules:
         impl = module.attn.impl
         cos_sin = _rotary_cos_sin(module.rotary_emb, module.attn.head_size)
@@ -133,7 +163,8 @@ def install_compact_attention(draft_model: nn.Module, settings: SpecExtendConfig
         compact = CompactDraftAttention(impl, cos_sin, block_size, planner)
         impl.forward = compact.forward
         impl.mirror_kv = False  # the HTA backend's mirror: these layers keep their own
-    return planner
+        mirrors.append(compact.kv)
+    return mirrors
 
 
 def install_final_layer_capture(target_model: nn.Module) -> FinalLayerCapture:
@@ -149,20 +180,25 @@ def wrap_proposer_load_model(original):
     def load_model(self, target_model, *args, **kwargs):
         original(self, target_model, *args, **kwargs)
         settings = settings_of(self.vllm_config)
-        if settings is None or not settings.retrieval:
+        if settings is None or not (settings.retrieval or settings.tree):
             return
         spec = self.vllm_config.speculative_config
         draft_max = spec.draft_model_config.hf_config.max_position_embeddings
         block_size = self.vllm_config.cache_config.block_size
-        self.specextend_planner = install_compact_attention(
-            self.model, settings, spec.num_speculative_tokens, block_size, draft_max)
-        self.specextend_retrieval = CrossModelRetrieval(
-            settings, spec.num_speculative_tokens, block_size,
-            install_final_layer_capture(target_model))
+        self.specextend_planner = draft_row_planner(settings, spec.num_speculative_tokens,
+                                                    draft_max)
+        mirrors = install_compact_attention(self.model, self.specextend_planner, block_size)
         logger.info("SpecExtend: draft attends at compact positions (window %d, draft "
-                    "positions %d); the target's last layer scores chunks every %d steps",
-                    settings.working_cache_budget(spec.num_speculative_tokens), draft_max,
-                    settings.refresh_every)
+                    "positions %d)", self.specextend_planner.window, draft_max)
+        if settings.retrieval:
+            self.specextend_retrieval = CrossModelRetrieval(
+                settings, spec.num_speculative_tokens, block_size,
+                install_final_layer_capture(target_model))
+            logger.info("SpecExtend: the target's last layer scores chunks every %d steps",
+                        settings.refresh_every)
+        if settings.tree:
+            self.specextend_tree_drafter = TreeDrafter(
+                self, self.specextend_planner, mirrors, settings, block_size)
 
     return load_model
 
@@ -174,7 +210,7 @@ def wrap_input_fits_in_drafter(original):
     @functools.wraps(original)
     def input_fits_in_drafter(self, common_attn_metadata):
         settings = getattr(self, "specextend_config", None)
-        if settings is not None and settings.retrieval:
+        if settings is not None and (settings.retrieval or settings.tree):
             return common_attn_metadata is not None
         return original(self, common_attn_metadata)
 
@@ -183,7 +219,8 @@ def wrap_input_fits_in_drafter(original):
 
 def wrap_proposer_propose(original):
     """Before each drafting round: refresh scores when due and hand the
-    batch's working sets to the draft's row planner."""
+    batch's working sets to the draft's row planner; in tree mode, draft
+    trees instead of chains."""
     import inspect
 
     signature = inspect.signature(original)
@@ -191,7 +228,8 @@ def wrap_proposer_propose(original):
     @functools.wraps(original)
     def propose(self, *args, **kwargs):
         retrieval = getattr(self, "specextend_retrieval", None)
-        if retrieval is None:
+        tree_drafter = getattr(self, "specextend_tree_drafter", None)
+        if retrieval is None and tree_drafter is None:
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         metadata = bound["common_attn_metadata"]
@@ -199,11 +237,17 @@ def wrap_proposer_propose(original):
         if query_indices is None:  # no drafts were verified: the last token
             query_indices = metadata.query_start_loc[1:] - 1
         req_ids = self.specextend_runner.input_batch.req_ids[: metadata.num_reqs]
-        self.specextend_planner.working_sets = retrieval.before_drafting(
-            req_ids, query_indices.long(), bound["target_positions"],
-            metadata.block_table_tensor, metadata.max_seq_len)
+        if retrieval is not None:
+            self.specextend_planner.working_sets = retrieval.before_drafting(
+                req_ids, query_indices.long(), bound["target_positions"],
+                metadata.block_table_tensor, metadata.max_seq_len)
         try:
-            return original(self, *args, **kwargs)
+            if tree_drafter is None:
+                return original(self, *args, **kwargs)
+            return tree_drafter.propose(
+                req_ids, bound["target_token_ids"], bound["target_positions"],
+                bound["next_token_ids"], query_indices, metadata,
+                bound.get("num_rejected_tokens_gpu"))
         finally:
             self.specextend_planner.working_sets = None
 

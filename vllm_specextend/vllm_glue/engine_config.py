@@ -46,6 +46,8 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
         engine_args.spec_method = UNDERLYING_METHOD
     else:
         rest["method"] = UNDERLYING_METHOD
+    if settings.tree:
+        _configure_tree_mode(settings, rest, engine_args)
     engine_args.speculative_config = rest
     engine_args.additional_config = {
         **(engine_args.additional_config or {}),
@@ -55,6 +57,26 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
         # Chunks must be whole KV blocks; keep the CPU kernel's 32-multiple.
         engine_args.block_size = math.gcd(CPU_DEFAULT_BLOCK_SIZE, settings.chunk_size)
     return settings
+
+
+def _configure_tree_mode(settings: SpecExtendConfig, rest: dict, engine_args: Any) -> None:
+    """A tree's nodes are vLLM's scheduled draft tokens, so the node budget is
+    num_speculative_tokens. Verification, acceptance and compaction run
+    between the runner's sampling and drafting, which async scheduling
+    overlaps, so it is off."""
+    given = rest.get("num_speculative_tokens")
+    if given is not None and given != settings.tree_nodes:
+        raise SpecExtendConfigError(
+            f"speculative_config.num_speculative_tokens={given}: with tree=true the "
+            f"draft tokens per step are the tree's nodes; set tree_nodes (now "
+            f"{settings.tree_nodes}) and leave num_speculative_tokens out, or equal")
+    rest["num_speculative_tokens"] = settings.tree_nodes
+    if engine_args.async_scheduling:
+        raise SpecExtendConfigError(
+            "async_scheduling=true: speculative_config.tree=true needs the runner "
+            "to accept a tree before it drafts the next one; leave async "
+            "scheduling unset")
+    engine_args.async_scheduling = False
 
 
 def _is_cpu() -> bool:
@@ -72,10 +94,12 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
         num_speculative_tokens=spec.num_speculative_tokens,
         draft_model_type=draft_hf.model_type,
     )
-    if settings.hybrid_tree_attention and not _is_cpu():
+    if settings.verifies_with_hta and not _is_cpu():
+        field = "tree" if settings.tree else "hybrid_tree_attention"
         raise SpecExtendConfigError(
-            "speculative_config.hybrid_tree_attention=true: the Hybrid Tree Attention "
-            "backend is only built for vLLM's CPU build in this version; set it to false"
+            f"speculative_config.{field}=true: the Hybrid Tree Attention backend "
+            f"(and so tree verification) is only built for vLLM's CPU build in this "
+            f"version; set it to false"
         )
 
 
@@ -103,6 +127,17 @@ def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
     return settings
 
 
+def _drafting_summary(settings: SpecExtendConfig) -> str:
+    if settings.tree:
+        return (f"tree mode on: dynamic draft trees of {settings.tree_nodes} nodes, depth "
+                f"at most {settings.tree_max_depth}, threshold {settings.tree_threshold}, "
+                f"verified with Hybrid Tree Attention")
+    if settings.hybrid_tree_attention:
+        return (f"chain drafts; Hybrid Tree Attention verifies prefixes from "
+                f"{settings.hybrid_tree_attention_min_len} tokens")
+    return "chain drafts; Hybrid Tree Attention off (vLLM's own verification)"
+
+
 def wrap_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
@@ -113,13 +148,11 @@ def wrap_create_engine_config(original):
         check_engine_fit(settings, vllm_config)
         log_settings("front end", vllm_config)
         logger.info(
-            "SpecExtend: %s; Hybrid Tree Attention %s; chain drafts (tree drafting is "
-            "not implemented in this version).",
+            "SpecExtend: %s; %s.",
             "Cross-model Retrieval on"
             if settings.retrieval
             else "retrieval=false: the draft sees the full context (stock draft_model)",
-            f"verifies prefixes from {settings.hybrid_tree_attention_min_len} tokens"
-            if settings.hybrid_tree_attention else "off (vLLM's own verification)",
+            _drafting_summary(settings),
         )
         return vllm_config
 

@@ -19,7 +19,7 @@ def wrap_init_with_settings(where: str):
         def __init__(self, *args, **kwargs):
             vllm_config = kwargs.get("vllm_config") or args[0]
             settings = log_settings(where, vllm_config)
-            if where == "worker" and settings is not None and settings.hybrid_tree_attention:
+            if where == "worker" and settings is not None and settings.verifies_with_hta:
                 # Before the model builds its attention layers.
                 from vllm_specextend.vllm_glue.tree_attention_backend import (
                     register_hybrid_tree_backend,

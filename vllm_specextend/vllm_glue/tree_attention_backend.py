@@ -1,13 +1,14 @@
 """Hybrid Tree Attention as a vLLM attention backend (CPU build of vLLM).
 
 Registered over `CPU_ATTN` (vLLM's CPU platform always asks for it) when
-`hybrid_tree_attention` is on. Every layer runs vLLM's own kernel first;
-then the rows that verify drafts (1 < query_len <= k + 1) over a cached
-prefix of at least `hybrid_tree_attention_min_len` tokens are computed again
-with HTA and overwritten: prefix part + tree part + LSE merge, the drafts as
-a path-shaped tree. HTA reads a plain K/V mirror because vLLM's CPU cache
-keeps keys packed per block. Tree-shaped drafts will hand their ancestor
-masks to the same call.
+`hybrid_tree_attention` or `tree` is on. Every layer runs vLLM's own kernel
+first; then rows that verify drafts are computed again with HTA and
+overwritten: prefix part + tree part + LSE merge. In tree mode those are
+the rows the runner planned (`tree_step.TREE_STATE.scheduled`), whatever
+their prefix; with chains, rows with 1 < query_len <= k + 1 over a cached
+prefix of at least `hybrid_tree_attention_min_len` tokens, the drafts as a
+path-shaped tree. HTA reads a plain K/V mirror because vLLM's CPU cache
+keeps keys packed per block.
 """
 
 from __future__ import annotations
@@ -26,22 +27,25 @@ from vllm_specextend.attention.hybrid_tree_attention import (
 from vllm_specextend.tree.compaction import apply_moves
 from vllm_specextend.vllm_glue.engine_config import settings_of
 from vllm_specextend.vllm_glue.kv_mirror import KVMirror
+from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
 
 logger = logging.getLogger("vllm.specextend")
 BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"
 
 
 class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
+    logged_first_rows = False  # once per process, not per layer
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config()
         settings = settings_of(vllm_config)
         speculative = vllm_config.speculative_config
         self.min_prefix_len = settings.hybrid_tree_attention_min_len
+        self.verifies_chains = settings.hybrid_tree_attention and not settings.tree
         self.max_nodes = speculative.num_speculative_tokens + 1
         self.block_size = vllm_config.cache_config.block_size
         self.kv = KVMirror()
-        self.rows_verified = 0
         # Off for draft layers that keep their own plain K/V (compact attention).
         self.mirror_kv = True
 
@@ -57,33 +61,45 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
                                  *args, **kwargs)
         if attn_metadata is None or attn_metadata.max_query_len <= 1 or self.kv.keys is None:
             return output
+        trees = TREE_STATE.scheduled
+        if trees is None and self.verifies_chains:
+            trees = self._chain_rows(attn_metadata)
+        if trees is not None:
+            self._verify_with_hta(trees, query, attn_metadata.block_table, output)
+        return output
+
+    def _chain_rows(self, attn_metadata) -> ScheduledTrees | None:
+        """Chain drafts over long enough prefixes, as path-shaped trees."""
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
         rows = [row for row, seq_len in enumerate(seq_lens)
                 if 1 < starts[row + 1] - starts[row] <= self.max_nodes
                 and seq_len - (starts[row + 1] - starts[row]) >= self.min_prefix_len]
-        if rows:
-            self._verify_with_hta(rows, starts, seq_lens, query, attn_metadata, output)
-        return output
-
-    def _verify_with_hta(self, rows, starts, seq_lens, query, attn_metadata, output):
+        if not rows:
+            return None
         node_counts = [starts[row + 1] - starts[row] for row in rows]
-        tokens = torch.cat([torch.arange(starts[row], starts[row + 1]) for row in rows])
         tree_start_loc = torch.tensor([0] + node_counts).cumsum(0)
-        # Chain drafts: each node's parent is the node before it.
+        # Each node's parent is the node before it.
         parents = torch.cat([torch.arange(-1, n - 1) for n in node_counts])
+        return ScheduledTrees(
+            rows=torch.tensor(rows),
+            tokens=torch.cat([torch.arange(starts[row], starts[row + 1]) for row in rows]),
+            prefix_lens=torch.tensor([seq_lens[row] for row in rows]) - torch.tensor(node_counts),
+            tree_start_loc=tree_start_loc,
+            ancestor_masks=ancestor_bitmasks(parents, tree_start_loc))
+
+    def _verify_with_hta(self, trees: ScheduledTrees, query, block_table, output):
         out = hybrid_tree_attention_cpu(
-            query[tokens], self.kv.keys, self.kv.values,
-            attn_metadata.block_table[rows],
-            torch.tensor([seq_lens[row] for row in rows]) - torch.tensor(node_counts),
-            tree_start_loc, ancestor_bitmasks(parents, tree_start_loc), self.block_size,
+            query[trees.tokens], self.kv.keys, self.kv.values, block_table[trees.rows],
+            trees.prefix_lens, trees.tree_start_loc, trees.ancestor_masks, self.block_size,
             scale=self.scale)
         heads = output.view(output.shape[0], self.num_heads, self.head_size)
-        heads[tokens] = out.to(output.dtype)
-        if self.rows_verified == 0:
-            logger.info("SpecExtend: Hybrid Tree Attention verified its first rows "
-                        "(prefixes from %d tokens)", self.min_prefix_len)
-        self.rows_verified += len(rows)
+        heads[trees.tokens] = out.to(output.dtype)
+        if not HybridTreeCPUAttentionImpl.logged_first_rows:
+            HybridTreeCPUAttentionImpl.logged_first_rows = True
+            logger.info("SpecExtend: Hybrid Tree Attention verified its first rows (%s)",
+                        "draft trees" if TREE_STATE.scheduled is not None
+                        else f"prefixes from {self.min_prefix_len} tokens")
 
     def compact(self, layer, kv_cache: torch.Tensor, source: torch.Tensor,
                 destination: torch.Tensor) -> None:

@@ -1,0 +1,187 @@
+"""Tree mode, target side: verify each request's tree in vLLM's V1 runner.
+
+vLLM schedules a tree's nodes as the request's draft tokens, in topological
+order, and computes their slots as for a chain. After `_prepare_inputs`
+the nodes' RoPE positions become root + depth and the step's ancestor masks
+go to the Hybrid Tree Attention backend. `_sample` is replaced for steps
+with drafts: the target's token at every node (argmax, or one sample of
+its processed distribution), the path those tokens follow from the root,
+the accepted path's K/V moved to the chain slots in every target layer,
+and the runner's inputs reordered so vLLM's bookkeeping and the draft's
+first pass see the path as an accepted chain.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.ops.topk_topp_sampler import random_sample
+from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+from vllm.v1.sample.sampler import _SAMPLING_EPS
+
+from vllm_specextend.attention.hybrid_tree_attention import ancestor_bitmasks
+from vllm_specextend.tree.compaction import compaction_moves
+from vllm_specextend.tree.dynamic_tree import DraftTree, accept_path
+from vllm_specextend.tree.verification import accepted_first_order, verification_layout
+from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
+
+# Tokens vLLM's bookkeeping drops from a row of sampled ids.
+PLACEHOLDER_TOKEN_ID = -1
+
+
+def _tree_mode(runner) -> bool:
+    settings = getattr(runner, "specextend_config", None)
+    return settings is not None and settings.tree
+
+
+def plan_scheduled_trees(runner, scheduler_output) -> ScheduledTrees | None:
+    """Give the scheduled nodes their tree positions; the step's masks and
+    trees."""
+    scheduled = scheduler_output.scheduled_spec_decode_tokens
+    if not scheduled:
+        return None
+    num_reqs = runner.input_batch.num_reqs
+    index_of = runner.input_batch.req_id_to_index
+    query_ends = runner.query_start_loc.np[1:]
+    counts = torch.zeros(num_reqs, dtype=torch.long)
+    for req_id, tokens in scheduled.items():
+        counts[index_of[req_id]] = len(tokens)
+    width = max(int(counts.max()), 1)
+    tree = DraftTree(tokens=torch.zeros(num_reqs, width, dtype=torch.long),
+                     parents=torch.full((num_reqs, width), -1, dtype=torch.long),
+                     depths=torch.zeros(num_reqs, width, dtype=torch.long),
+                     weights=torch.zeros(num_reqs, width), num_nodes=counts)
+    for req_id, tokens in scheduled.items():
+        row, count = index_of[req_id], len(tokens)
+        proposed = TREE_STATE.proposed[req_id]
+        tree.tokens[row, :count] = torch.tensor(tokens)
+        tree.parents[row, :count] = proposed.parents[:count]
+        tree.depths[row, :count] = proposed.depths[:count]
+    rows = counts.nonzero().squeeze(1)
+    roots = torch.as_tensor(query_ends[: num_reqs], dtype=torch.long)[rows] - counts[rows] - 1
+    root_positions = runner.positions[roots]
+    layout = verification_layout(
+        DraftTree(tree.tokens[rows], tree.parents[rows], tree.depths[rows],
+                  tree.weights[rows], counts[rows]),
+        torch.zeros_like(roots), root_positions)
+    tokens = torch.cat([torch.arange(root, root + 1 + count)
+                        for root, count in zip(roots.tolist(), counts[rows].tolist())])
+    runner.positions[tokens] = layout.positions
+    return ScheduledTrees(
+        rows=rows, tokens=tokens, prefix_lens=root_positions,
+        tree_start_loc=layout.query_start_loc,
+        ancestor_masks=ancestor_bitmasks(layout.parents, layout.query_start_loc),
+        draft_tree=tree)
+
+
+def wrap_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        if _tree_mode(self):
+            TREE_STATE.scheduled = plan_scheduled_trees(self, scheduler_output)
+        return result
+
+    return _prepare_inputs
+
+
+def target_tokens(logits: torch.Tensor, rows_per_request: torch.Tensor,
+                  sampling_metadata) -> torch.Tensor:
+    """The target's token at every logits row: argmax for greedy requests,
+    one draw from the processed distribution (temperature, top-k, top-p, as
+    vLLM's sampler) for the others, with each request's own generator."""
+    greedy = logits.argmax(dim=-1)
+    if sampling_metadata.all_greedy:
+        return greedy
+    processed = apply_sampling_constraints(
+        logits.float(), rows_per_request.cumsum(0), sampling_metadata)
+    starts = (rows_per_request.cumsum(0) - rows_per_request).tolist()
+    generators = {
+        starts[request] + offset: generator
+        for request, generator in sampling_metadata.generators.items()
+        for offset in range(int(rows_per_request[request]))
+    }
+    sampled = random_sample(processed.softmax(dim=-1), generators)
+    temperature = sampling_metadata.temperature.repeat_interleave(rows_per_request)
+    return torch.where(temperature < _SAMPLING_EPS, greedy, sampled)
+
+
+def _target_layers(runner):
+    """(layer, impl) of every target attention layer the HTA backend mirrors."""
+    from vllm_specextend.vllm_glue.tree_attention_backend import HybridTreeCPUAttentionImpl
+
+    for layer in runner.compilation_config.static_forward_context.values():
+        impl = getattr(layer, "impl", None)
+        if isinstance(impl, HybridTreeCPUAttentionImpl) and impl.mirror_kv:
+            yield layer, impl
+
+
+def accept_trees(runner, logits, spec_decode_metadata, trees: ScheduledTrees | None):
+    num_reqs = runner.input_batch.num_reqs
+    rows_per_request = torch.tensor(spec_decode_metadata.num_draft_tokens) + 1
+    flat = target_tokens(logits, rows_per_request, runner.input_batch.sampling_metadata)
+    if trees is None:  # drafts were scheduled, none as trees: nothing to follow
+        tree = DraftTree(*(torch.zeros(num_reqs, 1, dtype=torch.long),) * 3,
+                         torch.zeros(num_reqs, 1), torch.zeros(num_reqs, dtype=torch.long))
+    else:
+        tree = trees.draft_tree
+    width = tree.tokens.shape[1]
+    starts = rows_per_request.cumsum(0) - rows_per_request
+    columns = torch.minimum(torch.arange(1 + width)[None, :], rows_per_request[:, None] - 1)
+    accepted, num_accepted, bonus = accept_path(tree, flat[starts[:, None] + columns])
+
+    on_path = torch.arange(accepted.shape[1])[None, :] < num_accepted[:, None]
+    path_tokens = tree.tokens.gather(1, accepted.clamp(min=0))
+    sampled = torch.full((num_reqs, width + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+    sampled[:, : accepted.shape[1]] = torch.where(on_path, path_tokens,
+                                                  PLACEHOLDER_TOKEN_ID).int()
+    sampled.scatter_(1, num_accepted[:, None], bonus[:, None].int())
+
+    if trees is not None and bool(num_accepted.any()):
+        _compact_accepted_paths(runner, trees, tree, accepted, num_accepted)
+    return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+
+
+def _compact_accepted_paths(runner, trees: ScheduledTrees, tree: DraftTree, accepted,
+                            num_accepted) -> None:
+    """Accepted nodes to chain slots in every target layer; the runner's
+    tokens, positions and captured queries reordered to match."""
+    num_reqs = runner.input_batch.num_reqs
+    block_table = runner.input_batch.block_table[0].get_device_tensor(num_reqs)
+    root_positions = torch.zeros(num_reqs, dtype=torch.long)
+    root_positions[trees.rows] = trees.prefix_lens.long()
+    source, destination = compaction_moves(accepted, num_accepted, root_positions + 1,
+                                           block_table, runner.cache_config.block_size)
+    if source.numel():
+        for layer, impl in _target_layers(runner):
+            impl.compact(layer, layer.kv_cache, source, destination)
+    order = accepted_first_order(accepted, num_accepted, tree.num_nodes)
+    row_tokens = trees.tree_start_loc.diff()
+    roots = trees.tokens[trees.tree_start_loc[:-1]]
+    columns = order[trees.rows]
+    in_tree = torch.arange(columns.shape[1])[None, :] < row_tokens[:, None]
+    new_index = (roots[:, None] + torch.arange(columns.shape[1])[None, :])[in_tree]
+    old_index = (roots[:, None] + columns)[in_tree]
+    for buffer in _reordered_buffers(runner):
+        buffer[new_index] = buffer[old_index]
+
+
+def _reordered_buffers(runner):
+    yield runner.input_ids.gpu
+    yield runner.positions
+    retrieval = getattr(runner.drafter, "specextend_retrieval", None)
+    if retrieval is not None:
+        yield retrieval.capture.queries
+
+
+def wrap_sample(original):
+    @functools.wraps(original)
+    def _sample(self, logits, spec_decode_metadata):
+        if not _tree_mode(self) or spec_decode_metadata is None:
+            return original(self, logits, spec_decode_metadata)
+        trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
+        return accept_trees(self, logits, spec_decode_metadata, trees)
+
+    return _sample
