@@ -12,7 +12,8 @@ Methods run one after another, each in a fresh engine process:
   draft_model           stock vLLM speculation, same draft and k
   specextend            the full method
   specextend[k=v,...]   an ablation: any SpecExtend setting, e.g.
-                        retrieval=false, top_k_chunks=16, refresh_every=8
+                        retrieval=false, top_k_chunks=16, refresh_every=8;
+                        tree=true drafts trees of tree_nodes nodes (-k unused)
 Every finished sample is appended to the results file at once (an
 interrupted run keeps what it measured; --resume skips what is there).
 Greedy outputs are compared with `ar` on the same sample; a mismatch is a
@@ -58,7 +59,9 @@ def speculative_config(method: str, draft: str, k: int) -> dict | None:
     name, settings = parse_method(method)
     if name == "ar":
         return None
-    return {"method": name, "model": draft, "num_speculative_tokens": k, **settings}
+    # Tree mode: the draft tokens per step are the tree's nodes.
+    drafts = {} if settings.get("tree") else {"num_speculative_tokens": k}
+    return {"method": name, "model": draft, **drafts, **settings}
 
 
 def load_samples(path: str, count: int) -> list[str]:

@@ -44,6 +44,8 @@ def main(job_path: str, result_path: str) -> None:
     }
     if job.get("collect_worker_settings"):
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
+    if "kv_blocks" in job:
+        [result["kv_blocks"]] = llm.collective_rpc(_target_kv_blocks, args=(job["kv_blocks"],))
     if "draft_probe" in job:
         [result["draft_probe_logits"]] = llm.collective_rpc(
             _draft_logits_under_fixed_working_set, args=(job["draft_probe"],))
@@ -54,6 +56,20 @@ def main(job_path: str, result_path: str) -> None:
 def _runner_settings(worker):
     settings = getattr(worker.model_runner, "specextend_config", None)
     return None if settings is None else settings.model_dump()
+
+
+def _target_kv_blocks(worker, blocks):
+    """Each target layer's vLLM KV cache (packed, as the CPU backend keeps
+    it) at the given blocks, flattened."""
+    import torch
+
+    model = worker.model_runner.model
+    caches = [m.attn.kv_cache for m in model.modules()
+              if hasattr(m, "attn") and hasattr(m, "rotary_emb")]
+    num_blocks = worker.vllm_config.cache_config.num_gpu_blocks
+    block_dim = list(caches[0].shape).index(num_blocks)
+    return [cache.index_select(block_dim, torch.tensor(blocks)).flatten().tolist()
+            for cache in caches]
 
 
 def _draft_logits_under_fixed_working_set(worker, probe):

@@ -126,3 +126,28 @@ def test_compaction_in_vllms_cpu_cache(tiny_pair):
     chain_slots = slots(prefix_len + torch.arange(3))
     assert torch.equal(impl.kv.keys[chain_slots], keys[prefix_len + accepted[0]])
     assert torch.equal(impl.kv.values[chain_slots], values[prefix_len + accepted[0]])
+
+
+def test_tree_steps_leave_the_kv_a_target_only_run_caches(tiny_pair, tmp_path):
+    """One request through several tree steps: vLLM's cache of every target
+    layer then holds, for the prompt and the accepted tokens, the K/V a
+    target-only run cached. Four full blocks of 32 are compared; the
+    first request of a fresh engine gets blocks 1, 2, ... in both runs."""
+    import random
+
+    from conftest import run_engine
+
+    rng = random.Random(2)
+    prompt = [rng.randrange(3, 259) for _ in range(70)]
+    job = {"model": tiny_pair.target, "prompts": [prompt], "max_tokens": 60,
+           "kv_blocks": [1, 2, 3, 4], "engine_kwargs": {"block_size": 32}}
+    target_only, _ = run_engine(job, tmp_path / "target_only")
+    job["speculative_config"] = {"method": "specextend", "model": tiny_pair.draft,
+                                 "tree": True, "tree_nodes": 12, "tree_max_depth": 5}
+    trees, log = run_engine(job, tmp_path / "trees")
+    assert "moved the first accepted tree nodes to chain slots" in log
+    assert trees["token_ids"] == target_only["token_ids"]
+    for layer, (expected, got) in enumerate(zip(target_only["kv_blocks"], trees["kv_blocks"])):
+        expected, got = torch.tensor(expected), torch.tensor(got)
+        assert expected.abs().sum() > 0, "the compared blocks were never written"
+        assert torch.allclose(got, expected, atol=1e-4), f"target layer {layer}"

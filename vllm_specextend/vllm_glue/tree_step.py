@@ -36,6 +36,7 @@ class ProposedTree:
 class TreeState:
     proposed: dict[str, ProposedTree] = field(default_factory=dict)
     scheduled: ScheduledTrees | None = None
+    logged_first_compaction: bool = False
 
 
 TREE_STATE = TreeState()

@@ -14,6 +14,7 @@ first pass see the path as an accepted chain.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from vllm.v1.outputs import SamplerOutput
@@ -26,6 +27,7 @@ from vllm_specextend.tree.dynamic_tree import DraftTree, accept_path
 from vllm_specextend.tree.verification import accepted_first_order, verification_layout
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
 
+logger = logging.getLogger("vllm.specextend")
 # Tokens vLLM's bookkeeping drops from a row of sampled ids.
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -175,6 +177,10 @@ def _compact_accepted_paths(runner, trees: ScheduledTrees, tree: DraftTree, acce
     if source.numel():
         for layer, impl in _target_layers(runner):
             impl.compact(layer, layer.kv_cache, source, destination)
+        if not TREE_STATE.logged_first_compaction:
+            TREE_STATE.logged_first_compaction = True
+            logger.info("SpecExtend: moved the first accepted tree nodes to chain slots "
+                        "(%d nodes)", source.numel())
     order = accepted_first_order(accepted, num_accepted, tree.num_nodes)
     row_tokens = trees.tree_start_loc.diff()
     roots = trees.tokens[trees.tree_start_loc[:-1]]
