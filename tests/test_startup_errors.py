@@ -67,3 +67,20 @@ def test_chunk_size_not_multiple_of_block_size(tiny_pair):
 def test_unsupported_draft_model(tiny_pair, gpt2_draft):
     with pytest.raises(SpecExtendConfigError, match=r"speculative_config\.model: .*'gpt2'"):
         start(tiny_pair, draft=gpt2_draft)
+
+
+def test_tree_node_budget_conflicts_with_num_speculative_tokens(tiny_pair):
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.num_speculative_tokens=4: with tree=true"):
+        start(tiny_pair, tree=True, tree_nodes=8)
+
+
+def test_tree_mode_refuses_async_scheduling(tiny_pair):
+    with pytest.raises(SpecExtendConfigError, match=r"async_scheduling=true: .*tree=true"):
+        start(tiny_pair, engine_kwargs={"async_scheduling": True}, tree=True,
+              tree_nodes=4)
+
+
+def test_tree_too_wide_for_the_ancestor_masks(tiny_pair):
+    with pytest.raises(SpecExtendConfigError, match=r"speculative_config\.tree_nodes=64"):
+        start(tiny_pair, tree=True, tree_nodes=64)
