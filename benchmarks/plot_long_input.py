@@ -22,8 +22,7 @@ def summarize(path: Path) -> tuple[dict, list[dict]]:
     for r in lines:
         if r["kind"] == "sample":
             groups[(r["method"], r["input"])].append(r)
-    ar_ids = {(r["input"], r["sample"], r["run"]): r["token_ids"]
-              for r in lines if r["kind"] == "sample" and r["method"] == "ar"}
+    ar_ids = {key: r["token_ids"] for key, r in ar_runs(lines).items()}
 
     def mean(rows, key):
         values = [r[key] for r in rows if r[key] is not None]
@@ -40,12 +39,25 @@ def summarize(path: Path) -> tuple[dict, list[dict]]:
             "acceptance_rate": mean(samples, "acceptance_rate"),
             "equal_to_ar": None if method == "ar" else equal_to(samples, ar_ids),
         })
-    rows.sort(key=lambda r: (r["prompt_tokens"], r["method"]))
-    ar_speed = {r["input"]: r["decode_tokens_per_s"] for r in rows if r["method"] == "ar"}
-    for r in rows:
-        base = ar_speed.get(r["input"])
-        r["speed_vs_ar"] = r["decode_tokens_per_s"] / base if base else None
+    # Against ar on the same samples: a method run on fewer samples is
+    # compared with ar's speed on those.
+    ar_speed = {key: r["decode_tokens_per_s"] for key, r in ar_runs(lines).items()}
+    for (method, source), samples in groups.items():
+        row = next(r for r in rows if (r["method"], r["input"]) == (method, source))
+        base = [ar_speed[key] for key in map(run_key, samples) if key in ar_speed]
+        row["speed_vs_ar"] = (row["decode_tokens_per_s"] / statistics.mean(base)
+                              if base and len(base) == len(samples) else None)
+    ar_tokens = {r["input"]: r["prompt_tokens"] for r in rows if r["method"] == "ar"}
+    rows.sort(key=lambda r: (ar_tokens.get(r["input"], r["prompt_tokens"]), r["method"]))
     return header, rows
+
+
+def run_key(record: dict) -> tuple:
+    return record["input"], record["sample"], record["run"]
+
+
+def ar_runs(lines: list[dict]) -> dict:
+    return {run_key(r): r for r in lines if r["kind"] == "sample" and r["method"] == "ar"}
 
 
 def equal_to(samples: list[dict], reference: dict) -> tuple[int, int]:
