@@ -37,31 +37,22 @@ def _tree_mode(runner) -> bool:
     return settings is not None and settings.tree
 
 
-def plan_scheduled_trees(runner, scheduler_output) -> ScheduledTrees | None:
+def plan_scheduled_trees(runner, spec_decode_metadata) -> ScheduledTrees | None:
     """Give the scheduled nodes their tree positions; the step's masks and
     trees."""
-    scheduled = scheduler_output.scheduled_spec_decode_tokens
-    if not scheduled:
-        return None
-    num_reqs = runner.input_batch.num_reqs
-    index_of = runner.input_batch.req_id_to_index
-    query_ends = runner.query_start_loc.np[1:]
-    counts = torch.zeros(num_reqs, dtype=torch.long)
-    for req_id, tokens in scheduled.items():
-        counts[index_of[req_id]] = len(tokens)
-    width = max(int(counts.max()), 1)
-    tree = DraftTree(tokens=torch.zeros(num_reqs, width, dtype=torch.long),
-                     parents=torch.full((num_reqs, width), -1, dtype=torch.long),
-                     depths=torch.zeros(num_reqs, width, dtype=torch.long),
-                     weights=torch.zeros(num_reqs, width), num_nodes=counts)
-    for req_id, tokens in scheduled.items():
-        row, count = index_of[req_id], len(tokens)
-        proposed = TREE_STATE.proposed[req_id]
-        tree.tokens[row, :count] = torch.tensor(tokens)
-        tree.parents[row, :count] = proposed.parents[:count]
-        tree.depths[row, :count] = proposed.depths[:count]
+    counts = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.long)
     rows = counts.nonzero().squeeze(1)
-    roots = torch.as_tensor(query_ends[: num_reqs], dtype=torch.long)[rows] - counts[rows] - 1
+    if not len(rows):
+        return None
+    req_ids = runner.input_batch.req_ids
+    proposed = [TREE_STATE.proposed[req_ids[row]] for row in rows.tolist()]
+    tree = scheduled_drafts(
+        spec_decode_metadata,
+        torch.cat([p.parents[:n] for p, n in zip(proposed, counts[rows].tolist())]),
+        torch.cat([p.depths[:n] for p, n in zip(proposed, counts[rows].tolist())]))
+    query_ends = torch.as_tensor(runner.query_start_loc.np[1: len(counts) + 1],
+                                 dtype=torch.long)
+    roots = query_ends[rows] - counts[rows] - 1
     root_positions = runner.positions[roots]
     layout = verification_layout(
         DraftTree(tree.tokens[rows], tree.parents[rows], tree.depths[rows],
@@ -81,8 +72,9 @@ def wrap_prepare_inputs(original):
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
-        if _tree_mode(self):
-            TREE_STATE.scheduled = plan_scheduled_trees(self, scheduler_output)
+        _, spec_decode_metadata, _ = result
+        if _tree_mode(self) and spec_decode_metadata is not None:
+            TREE_STATE.scheduled = plan_scheduled_trees(self, spec_decode_metadata)
         return result
 
     return _prepare_inputs
@@ -117,17 +109,26 @@ def target_tokens(logits: torch.Tensor, rows_per_request: torch.Tensor,
     return torch.where(is_greedy, greedy, sampled)
 
 
-def chain_tree(spec_decode_metadata) -> DraftTree:
-    """Chain drafts as path-shaped trees, [num_reqs, longest chain]."""
+def scheduled_drafts(spec_decode_metadata, parents: torch.Tensor | None = None,
+                     depths: torch.Tensor | None = None) -> DraftTree:
+    """The step's draft tokens as trees, [num_reqs, most drafts]: `parents`
+    and `depths` flat in the drafts' order; without them, chains (each
+    node's parent is the node before it)."""
     num_nodes = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.long)
     width = max(int(num_nodes.max()), 1)
     index = torch.arange(width).expand(len(num_nodes), -1)
     valid = index < num_nodes[:, None]
-    tokens = torch.zeros(len(num_nodes), width, dtype=torch.long)
-    tokens[valid] = spec_decode_metadata.draft_token_ids.long()
-    return DraftTree(tokens=tokens, parents=torch.where(valid, index - 1, -1),
-                     depths=torch.where(valid, index + 1, 0),
-                     weights=torch.zeros(len(num_nodes), width), num_nodes=num_nodes)
+
+    def padded(flat: torch.Tensor, fill: int) -> torch.Tensor:
+        values = torch.full((len(num_nodes), width), fill, dtype=torch.long)
+        values[valid] = flat.long()
+        return values
+
+    return DraftTree(
+        tokens=padded(spec_decode_metadata.draft_token_ids, 0),
+        parents=torch.where(valid, index - 1, -1) if parents is None else padded(parents, -1),
+        depths=torch.where(valid, index + 1, 0) if depths is None else padded(depths, 0),
+        weights=torch.zeros(len(num_nodes), width), num_nodes=num_nodes)
 
 
 def _target_layers(runner):
@@ -213,11 +214,12 @@ def wrap_sample(original):
             return original(self, logits, spec_decode_metadata)
         if _tree_mode(self):
             trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
-            tree = trees.draft_tree if trees is not None else chain_tree(spec_decode_metadata)
+            tree = trees.draft_tree if trees is not None else scheduled_drafts(
+                spec_decode_metadata)
             return accept_trees(self, logits, spec_decode_metadata, tree, trees)
         if logits.is_cpu and not self.input_batch.sampling_metadata.all_greedy:
             return accept_trees(self, logits, spec_decode_metadata,
-                                chain_tree(spec_decode_metadata))
+                                scheduled_drafts(spec_decode_metadata))
         return original(self, logits, spec_decode_metadata)
 
     return _sample
