@@ -2,7 +2,7 @@
 length, per method, side by side (in the spirit of `vllm bench`).
 
     python benchmarks/long_input.py --pair qwen-coder \
-        --inputs ../shared/datasets/govreport/govreport_{1K,2K,4K}.jsonl \
+        --inputs benchmarks/data/govreport/govreport_{1K,2K,4K}.jsonl \
         --samples 3 --max-new-tokens 64 \
         --methods ar draft_model specextend "specextend[retrieval=false]" \
         --out benchmarks/results/long_input_cpu.json [--resume]
@@ -92,7 +92,8 @@ def run_method(job: dict) -> None:
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], dtype=job["dtype"],
               gpu_memory_utilization=0.1, disable_log_stats=False,
-              enable_prefix_caching=False, enforce_eager=job["enforce_eager"], seed=0)
+              enable_prefix_caching=False, enforce_eager=job["enforce_eager"], seed=0,
+              max_num_seqs=job["max_num_seqs"])
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     out = Path(job["out"])
@@ -153,6 +154,9 @@ def main() -> None:
                         help="default: the target's max_position_embeddings")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-gib", type=int, default=4)
+    parser.add_argument("--max-num-seqs", type=int, default=4,
+                        help="one request runs at a time; this bounds what engines "
+                             "reserve per sequence (SpecExtend's working caches)")
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="skip torch.compile (minutes per engine on small CPUs); "
@@ -189,6 +193,8 @@ def main() -> None:
         header = {"kind": "header", "machine": machine(), "target": target, "draft": draft,
                   "k": args.num_speculative_tokens, "dtype": args.dtype,
                   "max_new_tokens": args.max_new_tokens, "prefix_caching": False,
+                  "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs,
+                  "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                   "enforce_eager": args.enforce_eager,
                   "chat_template": not args.no_chat_template,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -209,6 +215,7 @@ def main() -> None:
                                                         args.num_speculative_tokens),
                "max_model_len": args.max_model_len, "dtype": args.dtype,
                "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
+               "max_num_seqs": args.max_num_seqs,
                "chat_template": not args.no_chat_template,
                "enforce_eager": args.enforce_eager}
         job_path = out.with_suffix(".job.json")

@@ -6,7 +6,7 @@ budget (`specextend[selection=recency]`) or the full context
 (`specextend[retrieval=false]`).
 
     python benchmarks/needle.py --pair qwen-coder \
-        --haystack ../shared/datasets/govreport/govreport_2K.jsonl --samples 3 \
+        --haystack benchmarks/data/govreport/govreport_2K.jsonl --samples 3 \
         --depth 0.25 --out benchmarks/results/needle_qwen_cpu --enforce-eager
 
 Writes OUT.prompts.jsonl (prompts and answers), OUT.jsonl (the records of

@@ -1,13 +1,15 @@
-"""Cost of one CMR refresh (chunk scoring + working-set selection) as a share
-of one target decode step, at several context lengths, measured side by side
-in one run.
+"""Cost of one CMR refresh's choice (chunk scoring, selection, working-cache
+layout) as a share of one target decode step, at several context lengths,
+measured side by side in one run.
 
     python benchmarks/retrieval_overhead.py [--lengths 2048 4096 8100]
 
 Target step: vLLM target-only engine on the tiny pair, batch 1, eager mode,
 prefix caching off: (time of 1 + N new tokens - time of 1 new token) / N.
-Refresh: the scoring and selection code the plugin runs on this device
-(PyTorch reference on CPU), on the target's final-layer shapes.
+Refresh: what the plugin runs on vLLM's CPU build, on the target's
+final-layer shapes: the final layer's keys read back from vLLM's packed
+cache, dense chunk scores, top-k selection and the layout (filling the
+draft's working caches comes on top, per draft layer).
 Writes JSON and a PNG under benchmarks/results/.
 """
 
@@ -43,26 +45,49 @@ def target_step_seconds(llm, length: int, new_tokens: int) -> float:
 
 
 def refresh_seconds(length: int, hf_config, settings, block_size: int, repeats: int) -> float:
-    import torch
+    from types import SimpleNamespace
 
-    from vllm_specextend.retrieval.chunk_scores import chunk_scores_reference
-    from vllm_specextend.retrieval.working_set import select_working_sets
+    import torch
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
+
+    from vllm_specextend.paged_cache import slots_of
+    from vllm_specextend.retrieval.chunk_scores import chunk_scores_dense
+    from vllm_specextend.retrieval.working_cache import (
+        select_chunks,
+        window_starts,
+        working_cache_layout,
+    )
+    from vllm_specextend.vllm_glue.kv_cache_reader import PackedCPUKVReader
 
     num_heads = hf_config.num_attention_heads
     num_kv_heads = hf_config.num_key_value_heads
     head_dim = hf_config.head_dim
     num_blocks = -(-length // block_size)
     block_table = torch.randperm(num_blocks, dtype=torch.int32)[None]
-    key_mirror = torch.randn(num_blocks * block_size, num_kv_heads, head_dim)
+    isa = _get_attn_isa(torch.float32, block_size, head_dim, "auto")
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
+    impl.attn_type, impl.kv_cache_dtype = AttentionType.DECODER, "auto"
+    kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_dim)
+    positions = torch.arange(length)[None]
+    slots = slots_of(block_table, positions, block_size).flatten()
+    keys = torch.randn(length, num_kv_heads, head_dim)
+    impl.do_kv_cache_update(SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0),
+                            keys, keys, kv_cache, slots)
+    reader = PackedCPUKVReader(isa, num_kv_heads, head_dim, block_size, torch.float32)
     query = torch.randn(1, num_heads, head_dim)
     context = torch.tensor([length])
+    geometry = settings.geometry(draft_max_positions=2048, num_speculative_tokens=4)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        scores = chunk_scores_reference(query, key_mirror, block_table, context, block_size,
-                                        settings.chunk_size)
-        select_working_sets(scores, context, settings.chunk_size, settings.top_k_chunks,
-                            settings.recent_tokens)
+        gathered, _ = reader.read(kv_cache, slots)
+        scores = chunk_scores_dense(query, gathered[None], context, settings.chunk_size)
+        window_start = window_starts(context, settings.chunk_size, settings.recent_tokens)
+        kept, num_kept = select_chunks(scores, window_start, settings.chunk_size,
+                                       geometry.top_k_chunks)
+        working_cache_layout(kept, num_kept, window_start, context, settings.chunk_size,
+                             geometry.capacity)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -118,7 +143,8 @@ def main() -> None:
               f"{1e3 * refresh:.3f} ms ({100 * refresh / step:.1f}% of a step)")
     results = {"machine": machine(), "model": "tiny pair (4-layer target, 4 heads x 32, GQA 2)",
                "settings": settings.model_dump(), "target_engine": "vLLM 0.32 CPU, eager, batch 1",
-               "refresh_impl": "PyTorch reference (CPU)", "rows": rows}
+               "refresh_impl": "read from vLLM's packed cache + dense scores (CPU)",
+               "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / f"{args.name}.png")

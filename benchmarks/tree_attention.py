@@ -86,10 +86,13 @@ def method_calls(case, flex_compiled):
     contiguous_k = gathered(case, case["key_cache"])[None].contiguous()
     contiguous_v = gathered(case, case["value_cache"])[None].contiguous()
 
+    def read_kv(slots):
+        return case["key_cache"][slots], case["value_cache"][slots]
+
     def hta():
         if query.is_cuda:
             return hybrid_tree_attention(*args, max_prefix_len=case["total"] - query.shape[0])
-        return hybrid_tree_attention_cpu(*args)
+        return hybrid_tree_attention_cpu(query, read_kv, *args[3:])
 
     def sdpa(k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=case["visible"], enable_gqa=True)

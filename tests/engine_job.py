@@ -37,6 +37,8 @@ def main(job_path: str, result_path: str) -> None:
                                  seed=seed, max_tokens=job["max_tokens"], ignore_eos=True)
                   for seed in range(len(job["prompts"]))]
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
+    if job.get("count_host_syncs"):
+        llm.collective_rpc(_count_host_syncs)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
@@ -44,13 +46,83 @@ def main(job_path: str, result_path: str) -> None:
     }
     if job.get("collect_worker_settings"):
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
+    if job.get("count_host_syncs"):
+        [result["host_syncs"]] = llm.collective_rpc(_host_syncs_counted)
     if "kv_blocks" in job:
         [result["kv_blocks"]] = llm.collective_rpc(_target_kv_blocks, args=(job["kv_blocks"],))
     if "draft_probe" in job:
-        [result["draft_probe_logits"]] = llm.collective_rpc(
-            _draft_logits_under_fixed_working_set, args=(job["draft_probe"],))
+        [result["draft_probe"]] = llm.collective_rpc(
+            _draft_under_fixed_working_set, args=(job["draft_probe"],))
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+# Tensor methods that wait for the device (on a GPU) when called.
+SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__",
+                   "__float__", "__index__")
+
+
+def _count_host_syncs(worker):
+    """Patch, in this worker, every torch call that makes the host wait for
+    the device, so that each call made directly from vllm_specextend's code
+    is counted with its file, line and function; code in functions named
+    `*_cpu` (what only vLLM's CPU build runs) is left out, as are calls from
+    vLLM or torch themselves. Boolean-mask indexing and `repeat_interleave`
+    without `output_size` count too."""
+    import collections
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    import vllm_specextend
+
+    package = str(Path(vllm_specextend.__file__).parent)
+    counts = worker.specextend_host_syncs = collections.Counter()
+
+    def record(what):
+        frame = sys._getframe(2)  # the caller of the patched method
+        if not frame.f_code.co_filename.startswith(package):
+            return
+        site = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(package) and \
+                    frame.f_code.co_name.endswith("_cpu"):
+                return
+            frame = frame.f_back
+        counts[f"{what} at {site}"] += 1
+
+    def counting(name, original, when=lambda *args, **kwargs: True):
+        def method(*args, **kwargs):
+            if when(*args, **kwargs):
+                record(name)
+            return original(*args, **kwargs)
+        return method
+
+    def boolean_index(self, index, *rest):
+        indices = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+    def no_output_size(*args, **kwargs):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+
+    for name in SYNCING_METHODS:
+        setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for name in ("__getitem__", "__setitem__"):
+        setattr(torch.Tensor, name, counting("boolean-mask indexing",
+                                             getattr(torch.Tensor, name), boolean_index))
+    torch.Tensor.repeat_interleave = counting("repeat_interleave", torch.Tensor.repeat_interleave,
+                                              no_output_size)
+    torch.repeat_interleave = counting("repeat_interleave", torch.repeat_interleave,
+                                       no_output_size)
+    torch.nonzero = counting("nonzero", torch.nonzero)
+
+
+def _host_syncs_counted(worker):
+    drafting = getattr(worker.model_runner.drafter, "specextend", None)
+    return {"by_site": dict(worker.specextend_host_syncs),
+            "drafting_rounds": drafting.rounds if drafting is not None else 0}
 
 
 def _runner_settings(worker):
@@ -72,45 +144,85 @@ def _target_kv_blocks(worker, blocks):
             for cache in caches]
 
 
-def _draft_logits_under_fixed_working_set(worker, probe):
-    """Inside the worker, after generation: run vLLM's draft model (with the
-    plugin's attention) over `token_ids[:-1]` as a prefill, then decode the
-    last token with a fixed working set; return that token's draft logits."""
-    from types import SimpleNamespace
-
+def _draft_under_fixed_working_set(worker, probe):
+    """Inside the worker, after generation: write the draft's K/V of
+    `token_ids[:-1]` into vLLM's cache with vLLM's own prefill, fill working
+    cache 0 with the given kept chunks and recent window, then decode the
+    last token through it. Returns that token's draft logits, the working
+    cache's keys at its compact positions (layer 0), and how many times
+    vLLM's attention kernel read a working cache."""
+    import numpy as np
     import torch
+    from vllm import _custom_ops as ops
     from vllm.forward_context import set_forward_context
+    from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_specextend.retrieval.working_set import WorkingSets
+    from vllm_specextend.retrieval.working_cache import window_starts, working_cache_layout
+    from vllm_specextend.vllm_glue.working_cache import DraftRound
 
     drafter = worker.model_runner.drafter
+    drafting = drafter.specextend
     token_ids = torch.tensor(probe["token_ids"])
     context_len = len(token_ids) - 1
     block_size = worker.vllm_config.cache_config.block_size
-    block_table = torch.arange(-(-len(token_ids) // block_size), dtype=torch.int32)[None]
+    num_blocks = -(-len(token_ids) // block_size)
+    block_table = torch.arange(1, num_blocks + 1, dtype=torch.int32)[None]
+    storages = {t.untyped_storage().data_ptr() for t in drafting.caches.storage.values()}
+    kernel, reads = ops.cpu_attention_with_kv_cache, []
 
-    @torch.inference_mode()  # the engine's buffers are inference tensors
-    def draft_forward(start, end):
+    def counting_kernel(*args, **kwargs):
+        reads.append(kwargs["key_cache"].untyped_storage().data_ptr() in storages)
+        return kernel(*args, **kwargs)
+
+    def metadata(start, end):
         count = end - start
-        metadata = SimpleNamespace(
-            num_actual_tokens=count, slot_mapping=torch.arange(start, end),
+        positions = torch.arange(start, end)
+        slots = block_table[0, positions // block_size].long() * block_size + positions % block_size
+        return CommonAttentionMetadata(
             query_start_loc=torch.tensor([0, count], dtype=torch.int32),
-            seq_lens=torch.tensor([end], dtype=torch.int32), block_table=block_table,
-            max_seq_len=end)
-        with set_forward_context(metadata, drafter.vllm_config, num_tokens=count, slot_mapping={}):
+            query_start_loc_cpu=torch.tensor([0, count], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32), num_reqs=1,
+            num_actual_tokens=count, max_query_len=count, max_seq_len=end,
+            block_table_tensor=block_table, slot_mapping=slots, causal=True)
+
+    def draft_forward(start, end, draft_index):
+        """One draft forward as the proposer runs it (true positions and
+        slots; the plan comes from the patched metadata builder)."""
+        cad = metadata(start, end)
+        drafter.positions[: end - start] = torch.arange(start, end)
+        _, per_layer = drafter.build_per_group_and_layer_attn_metadata(cad, draft_index)
+        with set_forward_context(per_layer, drafter.vllm_config, num_tokens=end - start,
+                                 slot_mapping=dict.fromkeys(per_layer, cad.slot_mapping)):
             hidden = drafter.model(input_ids=token_ids[start:end],
-                                   positions=torch.arange(start, end))
+                                   positions=drafter.positions[: end - start])
         return drafter.model.compute_logits(hidden[-1:])
 
-    draft_forward(0, context_len)  # writes the context's draft K/V at true slots
-    planner = drafter.specextend_planner
-    planner.working_sets = WorkingSets(
-        torch.tensor(probe["kept_chunks"])[None], torch.tensor([probe["window_start"]]),
-        probe["chunk_size"])
-    try:
-        return draft_forward(context_len, context_len + 1)[0].tolist()
-    finally:
-        planner.working_sets = None
+    with torch.inference_mode():  # the engine's buffers are inference tensors
+        draft_forward(0, context_len, draft_index=0)  # no round: vLLM's own prefill
+        caches = drafting.caches
+        geometry = caches.geometry
+        kept = torch.tensor([probe["kept_chunks"]])
+        context = torch.tensor([context_len])
+        window_start = window_starts(context, geometry.chunk_size, geometry.recent_tokens)
+        layout = working_cache_layout(kept, torch.tensor([kept.shape[1]]), window_start,
+                                      context, geometry.chunk_size, geometry.capacity)
+        caches.holder = {"probe": 0}
+        drafting.round = DraftRound(caches, np.array([0]), np.array([1]), drafting.staging)
+        caches.fill(drafting.layers, drafting.reader, block_table, drafting.round.cache_ids,
+                    layout, drafting.backward)
+        drafting.round.read_offsets()
+        ops.cpu_attention_with_kv_cache = counting_kernel
+        try:
+            logits = draft_forward(context_len, context_len + 1, draft_index=1)
+        finally:
+            ops.cpu_attention_with_kv_cache = kernel
+            drafting.round = None
+        name, layer = next(iter(drafting.layers.items()))
+        length = int(layout.lengths[0])
+        keys, _ = drafting.reader.read(caches.cache_of(name, layer.kv_cache),
+                                       torch.arange(length))
+    return {"logits": logits[0].tolist(), "compact_keys": keys.tolist(),
+            "working_cache_reads": sum(reads), "kernel_calls": len(reads)}
 
 
 if __name__ == "__main__":

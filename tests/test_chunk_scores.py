@@ -1,5 +1,6 @@
-"""Chunk-score kernel vs the dense softmax reference (TRITON_INTERPRET=1 on
-CPU), and top-k finds the chunk where a needle is planted."""
+"""Chunk-score kernel and the batched dense path (vLLM's CPU build) vs the
+softmax reference (TRITON_INTERPRET=1 on CPU), and top-k finds the chunk
+where a needle is planted."""
 
 import os
 
@@ -11,6 +12,7 @@ import torch  # noqa: E402
 from kernel_inputs import random_block_table  # noqa: E402
 from vllm_specextend.retrieval.chunk_scores import (  # noqa: E402
     chunk_scores,
+    chunk_scores_dense,
     chunk_scores_reference,
 )
 
@@ -29,7 +31,10 @@ def dense_scores(query, keys_per_row, chunk_size):
 def make_inputs(context_lens, num_heads, num_kv_heads, head_dim, block_size, seed=0):
     torch.manual_seed(seed)
     table, num_blocks = random_block_table(context_lens, block_size, seed=seed)
-    key_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim)
+    # vLLM's per-layer view is [blocks, heads, block_size, key | value]: keys
+    # as [blocks, block_size, heads, dim] are strided, as the kernel reads them.
+    kv_cache = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_dim)
+    key_cache = kv_cache.transpose(1, 2)[..., :head_dim]
     query = torch.randn(len(context_lens), num_heads, head_dim)
     return query, key_cache, table, torch.tensor(context_lens, dtype=torch.int32)
 
@@ -46,12 +51,19 @@ def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, block_size,
                        max_len=max(context_lens))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     # The reference itself against the definition (gathered keys, dense softmax).
-    slots = lambda row, n: (table[row, torch.arange(n) // block_size].long() * block_size
-                            + torch.arange(n) % block_size)
-    keys = [key_cache[slots(r, n)] for r, n in enumerate(context_lens)]
+    def keys_of(row, n):
+        positions = torch.arange(n)
+        return key_cache[table[row, positions // block_size].long(), positions % block_size]
+
+    keys = [keys_of(r, n) for r, n in enumerate(context_lens)]
     for row, scores in enumerate(dense_scores(query, keys, chunk_size)):
         torch.testing.assert_close(expected[row, : len(scores)], scores, rtol=1e-5, atol=1e-7)
         assert torch.isinf(expected[row, len(scores):]).all()
+    # The batched path over the gathered keys (what vLLM's CPU build scores).
+    max_len = max(context_lens)
+    gathered = torch.stack([keys_of(r, max_len) for r in range(len(context_lens))])
+    dense = chunk_scores_dense(query, gathered, lens, chunk_size)
+    torch.testing.assert_close(dense, expected[:, : dense.shape[1]], rtol=1e-5, atol=1e-7)
 
 
 def test_top_chunk_is_the_needle():
@@ -62,11 +74,12 @@ def test_top_chunk_is_the_needle():
     needles = [5, 17, 2]  # chunk index per request
     for row, chunk in enumerate(needles):
         position = chunk * chunk_size + 7
-        slot = int(table[row, position // block_size]) * block_size + position % block_size
+        block = int(table[row, position // block_size])
         # A key aligned with every query head of its group: the attention peak.
         group = num_heads // num_kv_heads
         for kv_head in range(num_kv_heads):
             direction = query[row, kv_head * group : (kv_head + 1) * group].sum(0)
-            key_cache[slot, kv_head] = 4.0 * head_dim**0.5 * direction / direction.norm()
+            key_cache[block, position % block_size, kv_head] = (
+                4.0 * head_dim**0.5 * direction / direction.norm())
     scores = chunk_scores(query, key_cache, table, lens, block_size, chunk_size, max_len=1000)
     assert scores.argmax(dim=1).tolist() == needles

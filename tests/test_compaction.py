@@ -1,11 +1,17 @@
 """After tree acceptance, the accepted path's K/V end up where a chain of
 the same tokens would have been written; other slots are untouched. In
-vLLM's packed CPU cache this is checked through vLLM's own attention kernel."""
+vLLM's packed CPU cache this is checked through vLLM's own attention kernel
+and by reading the cache back."""
 
 import torch
 
 from kernel_inputs import random_block_table
-from vllm_specextend.tree.compaction import apply_moves, compaction_moves
+from vllm_specextend.tree.compaction import compaction_moves
+
+
+def apply_moves(cache: torch.Tensor, source: torch.Tensor, destination: torch.Tensor) -> None:
+    """A plain cache [num_slots, ...]: every source read before any write."""
+    cache[destination] = cache[source]
 
 
 def test_accepted_path_lands_at_chain_slots():
@@ -108,7 +114,7 @@ def test_compaction_in_vllms_cpu_cache(tiny_pair):
                             torch.tensor([prefix_len + nodes])))
     chain_cache = empty_cache()
     write(chain_cache, chain_rows, torch.arange(prefix_len + 4))
-    # Tree step: prefix and every node (mirror too), then compaction, then the next token.
+    # Tree step: prefix and every node, then compaction, then the next token.
     tree_cache = empty_cache()
     impl.do_kv_cache_update(layer, keys[: prefix_len + nodes], values[: prefix_len + nodes],
                             tree_cache, slots(torch.arange(prefix_len + nodes)))
@@ -123,9 +129,9 @@ def test_compaction_in_vllms_cpu_cache(tiny_pair):
     expected = next_token_attention(chain_cache, query)
     assert torch.equal(next_token_attention(tree_cache, query), expected)
     assert not torch.allclose(next_token_attention(uncompacted, query), expected, atol=1e-3)
-    chain_slots = slots(prefix_len + torch.arange(3))
-    assert torch.equal(impl.kv.keys[chain_slots], keys[prefix_len + accepted[0]])
-    assert torch.equal(impl.kv.values[chain_slots], values[prefix_len + accepted[0]])
+    chain_keys, chain_values = impl.reader.read(tree_cache, slots(prefix_len + torch.arange(3)))
+    assert torch.equal(chain_keys, keys[prefix_len + accepted[0]])
+    assert torch.equal(chain_values, values[prefix_len + accepted[0]])
 
 
 def test_tree_steps_leave_the_kv_a_target_only_run_caches(tiny_pair, tmp_path):

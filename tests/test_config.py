@@ -1,4 +1,5 @@
-"""SpecExtendConfig on its own: defaults, budget, and error messages."""
+"""SpecExtendConfig on its own: defaults, the working cache's geometry, and
+error messages."""
 
 import pytest
 
@@ -11,15 +12,40 @@ from vllm_specextend.config import (
 VLLM_FIELDS = ["method", "model", "num_speculative_tokens", "max_model_len"]
 
 
-def test_paper_defaults():
+def test_defaults_follow_the_draft_window():
     settings = SpecExtendConfig()
-    assert (settings.chunk_size, settings.top_k_chunks, settings.refresh_every) == (32, 32, 4)
+    assert (settings.chunk_size, settings.refresh_every, settings.recent_tokens) == (32, 4, 256)
+    assert settings.top_k_chunks is None and settings.draft_window is None
     assert settings.hybrid_tree_attention_min_len == 4096
     assert settings.retrieval and not settings.hybrid_tree_attention
-    # 32 chunks x 32 + 256 recent + 4 refreshes x (4 + 1) tokens
-    assert settings.working_cache_budget(num_speculative_tokens=4) == 1300
-    assert settings.effective_retrieval_min_len(4) == 1300
-    assert SpecExtendConfig(retrieval_min_len=512).effective_retrieval_min_len(4) == 512
+    geometry = settings.geometry(draft_max_positions=2048, num_speculative_tokens=4)
+    # The window holds (2048 - 256 recent - 31 alignment - 4 x 5 growth - 4 drafts) // 32.
+    assert geometry.draft_window == 2048 and geometry.top_k_chunks == 54
+    assert geometry.capacity == 54 * 32 + 256 + 31 + 20 + 4 == 2039
+    # Retrieval starts where the window can no longer show the whole context
+    # until the next refresh; requests without a working cache slide over 2048.
+    assert geometry.retrieval_min_len == 2048 - 20 - 4
+    assert geometry.main_window == 2048
+    # A draft that reads 32K positions keeps its whole context up to there.
+    assert settings.geometry(draft_max_positions=32768,
+                             num_speculative_tokens=4).retrieval_min_len == 32744
+
+
+def test_paper_settings_are_one_key_away():
+    paper = SpecExtendConfig(draft_window=2048, top_k_chunks=32)
+    geometry = paper.geometry(draft_max_positions=32768, num_speculative_tokens=4)
+    # The paper's 1,300-token budget (32 x 32 + 256 + 4 x 5), plus alignment and drafts.
+    assert geometry.capacity == 1300 + 31 + 4
+    assert SpecExtendConfig(retrieval_min_len=512).geometry(
+        draft_max_positions=2048, num_speculative_tokens=4).retrieval_min_len == 512
+
+
+def test_draft_window_past_the_drafts_positions_is_named():
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.draft_window=4096 exceeds the draft's "
+                             r"max_position_embeddings \(2048\).*\[1, 2048\]"):
+        SpecExtendConfig(draft_window=4096).geometry(draft_max_positions=2048,
+                                                     num_speculative_tokens=4)
 
 
 def test_split_keeps_vllm_keys_and_normalizes_dashes():
@@ -67,14 +93,16 @@ def test_chunk_not_multiple_of_block():
         SpecExtendConfig(chunk_size=40).check_fits_engine(**FIT)
 
 
-def test_working_cache_larger_than_draft_positions():
+def test_working_cache_larger_than_the_draft_window():
     with pytest.raises(SpecExtendConfigError) as info:
         SpecExtendConfig(top_k_chunks=64).check_fits_engine(**FIT)
     message = str(info.value)
     assert message.startswith("speculative_config.top_k_chunks")
-    # (2044 - 256 recent - 20 between refreshes) // 32 = 55 chunks fit.
-    assert "top_k_chunks in [1, 55]" in message
-    SpecExtendConfig(top_k_chunks=55).check_fits_engine(**FIT)
+    assert "exceeds draft_window=2048" in message
+    assert "top_k_chunks in [1, 54]" in message
+    SpecExtendConfig(top_k_chunks=54).check_fits_engine(**FIT)
+    with pytest.raises(SpecExtendConfigError, match=r"top_k_chunks in \[1, 0\]"):
+        SpecExtendConfig(draft_window=256).check_fits_engine(**FIT)
 
 
 def test_unsupported_draft_model_type():
@@ -82,21 +110,24 @@ def test_unsupported_draft_model_type():
         SpecExtendConfig().check_fits_engine(**{**FIT, "draft_model_type": "gpt2"})
 
 
-def test_tree_mode_budget_counts_the_deepest_path():
+def test_tree_mode_geometry_counts_the_deepest_path():
     """Trees accept at most tree_max_depth + 1 tokens a step, whatever the
-    node budget (vLLM's num_speculative_tokens)."""
+    node budget (vLLM's num_speculative_tokens); the first pass (50 nodes +
+    bonus) and a path of 10 come on top of the window."""
     tree = SpecExtendConfig(tree=True, tree_nodes=50, tree_max_depth=10)
     assert tree.verifies_with_hta and tree.tokens_per_step(50) == 11
-    # 32 x 32 + 256 + 4 refreshes x 11 tokens
-    assert tree.working_cache_budget(50) == 1324
-    # The first pass (50 nodes + bonus) and a path of 10 on top of the window.
     assert tree.draft_positions_past_window(50) == 61
+    geometry = tree.geometry(draft_max_positions=2048, num_speculative_tokens=50)
+    assert geometry.tokens_between_refreshes == 44
+    assert geometry.top_k_chunks == (2048 - 256 - 31 - 44 - 61) // 32
+    # A node spans its root's window and its path: the window leaves room.
+    assert geometry.main_window == 2048 - 10
 
 
 @pytest.mark.parametrize("field,value,allowed", [
-    ("tree_nodes", 64, "less than or equal to 63"),
-    ("tree_max_depth", 33, "less than or equal to 32"),
-    ("tree_threshold", -0.1, "greater than or equal to 0"),
+    ("tree_nodes", 64, r"less than or equal to 63 \(allowed: an integer > 0 and <= 63\)"),
+    ("tree_max_depth", 33, r"less than or equal to 32 \(allowed: an integer > 0 and <= 32\)"),
+    ("tree_threshold", -0.1, r"greater than or equal to 0 \(allowed: a number >= 0\)"),
 ])
 def test_tree_limits_are_named(field, value, allowed):
     with pytest.raises(SpecExtendConfigError, match=rf"speculative_config\.{field}={value}.*{allowed}"):

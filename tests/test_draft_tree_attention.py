@@ -1,7 +1,8 @@
 """The draft's attention while it grows a tree (kernel under
 TRITON_INTERPRET=1 and the CPU path vs the PyTorch reference), and the
 property that makes tree drafting match chain drafting: a node attends
-exactly as working-set attention does for the chain of its path."""
+exactly as the last query of the chain of its path does (causal attention
+over context + path, computed here with SDPA)."""
 
 import os
 
@@ -9,47 +10,35 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from kernel_inputs import random_block_table  # noqa: E402
-from test_working_set import rope_cache  # noqa: E402
 from vllm_specextend.attention.draft_tree_attention import (  # noqa: E402
     draft_tree_attention,
     draft_tree_attention_cpu,
     draft_tree_attention_reference,
 )
-from vllm_specextend.attention.working_set_attention import (  # noqa: E402
-    working_set_attention_reference,
-)
-from vllm_specextend.paged_cache import slots_of  # noqa: E402
 
 
 def tree_inputs(context_lens, nodes_per_request, max_depth, num_heads, num_kv_heads,
                 head_dim, dtype, seed=0):
-    """Random mirrors; each request's context and its nodes' paths on
-    distinct random slots; nodes of one request at mixed depths."""
+    """Random contexts (padded past their lengths) and paths; nodes of one
+    request at mixed depths."""
     generator = torch.Generator().manual_seed(seed)
     num_queries = sum(nodes_per_request)
-    num_slots = sum(context_lens) + num_queries * max_depth + 7
-    order = torch.randperm(num_slots, generator=generator)
-    context_slots = torch.zeros(len(context_lens), max(context_lens), dtype=torch.long)
-    for row, m in enumerate(context_lens):
-        context_slots[row, :m] = order[:m]
-        order = order[m:]
-    path_slots = order[: num_queries * max_depth].view(num_queries, max_depth).clone()
     path_lens = torch.randint(1, max_depth + 1, (num_queries,), generator=generator)
     path_lens[0] = max_depth
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    context = (len(context_lens), max(context_lens), num_kv_heads, head_dim)
+    path = (num_queries, max_depth, num_kv_heads, head_dim)
     return dict(
-        query=torch.randn(num_queries, num_heads, head_dim, generator=generator).to(dtype),
-        key_mirror=torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype),
-        value_mirror=torch.randn(num_slots, num_kv_heads, head_dim,
-                                 generator=generator).to(dtype),
-        context_slots=context_slots,
+        query=random(num_queries, num_heads, head_dim),
+        context_keys=random(*context), context_values=random(*context),
         context_lens=torch.tensor(context_lens),
         query_start_loc=torch.tensor([0] + nodes_per_request).cumsum(0),
-        path_slots=path_slots,
-        path_lens=path_lens,
-        cos_sin=rope_cache(max(context_lens) + max_depth, head_dim),
-    )
+        path_keys=random(*path), path_values=random(*path), path_lens=path_lens)
 
 
 @pytest.mark.parametrize(
@@ -76,37 +65,19 @@ def test_kernel_and_cpu_path_match_reference(context_lens, nodes_per_request, ma
 
 
 def test_a_node_attends_as_the_chain_of_its_path():
-    """Context at scattered true positions, path at the chain positions after
-    it: the node's output equals the chain row's last query."""
-    block_size, num_heads, num_kv_heads, head_dim = 16, 6, 2, 64
-    generator = torch.Generator().manual_seed(1)
-    prompt_len, depth = 200, 5
-    context_positions = torch.cat((torch.arange(0, 32), torch.arange(96, 128),
-                                   torch.arange(150, prompt_len)))
-    path_positions = torch.arange(prompt_len, prompt_len + depth)
-    block_table, num_blocks = random_block_table([prompt_len + depth], block_size)
-    key_mirror = torch.randn(num_blocks * block_size, num_kv_heads, head_dim,
-                             generator=generator)
-    value_mirror = torch.randn_like(key_mirror)
-    query = torch.randn(1, num_heads, head_dim, generator=generator)
-    cos_sin = rope_cache(512, head_dim)
-
-    tree_out, _ = draft_tree_attention_reference(
-        query, key_mirror, value_mirror,
-        slots_of(block_table[0], context_positions, block_size)[None],
-        torch.tensor([len(context_positions)]), torch.tensor([0, 1]),
-        slots_of(block_table[0], path_positions, block_size)[None], torch.tensor([depth]),
-        cos_sin)
-    chain_positions = torch.cat((context_positions, path_positions))
-    chain_out, _ = working_set_attention_reference(
-        query, key_mirror, value_mirror, block_table, torch.tensor([0, 1]),
-        chain_positions[None], torch.tensor([len(chain_positions)]), cos_sin, block_size)
-    torch.testing.assert_close(tree_out, chain_out, atol=1e-5, rtol=1e-5)
-    # A node does not see another branch: a different path changes it.
-    other_branch = slots_of(block_table[0], path_positions.flip(0), block_size)[None]
-    other_out, _ = draft_tree_attention_reference(
-        query, key_mirror, value_mirror,
-        slots_of(block_table[0], context_positions, block_size)[None],
-        torch.tensor([len(context_positions)]), torch.tensor([0, 1]), other_branch,
-        torch.tensor([depth]), cos_sin)
+    """The node's output equals the last query of causal attention over its
+    context followed by its path; another branch's path changes it."""
+    num_heads, num_kv_heads, head_dim, context_len, depth = 6, 2, 64, 80, 5
+    inputs = tree_inputs([context_len], [1], depth, num_heads, num_kv_heads, head_dim,
+                         torch.float32, seed=1)
+    tree_out, _ = draft_tree_attention_reference(**inputs)
+    keys = torch.cat((inputs["context_keys"][0], inputs["path_keys"][0]))
+    values = torch.cat((inputs["context_values"][0], inputs["path_values"][0]))
+    # [heads, 1 query, dim] against [kv_heads, keys, dim]: the chain's last query.
+    chain_out = F.scaled_dot_product_attention(
+        inputs["query"].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+        enable_gqa=True)
+    torch.testing.assert_close(tree_out, chain_out.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    other_branch = dict(inputs, path_keys=inputs["path_keys"].flip(1))
+    other_out, _ = draft_tree_attention_reference(**other_branch)
     assert not torch.allclose(other_out, tree_out, atol=1e-3)

@@ -14,13 +14,13 @@ import torch  # noqa: E402
 
 from kernel_inputs import random_block_table  # noqa: E402
 from vllm_specextend.attention.hybrid_tree_attention import (  # noqa: E402
-    MAX_TREE_NODES,
     ancestor_bitmasks,
     hybrid_tree_attention,
     hybrid_tree_attention_cpu,
     merge_attention_states,
     tree_attention_reference,
 )
+from vllm_specextend.config import MAX_TREE_TOKENS  # noqa: E402
 
 PREFIX_LENS = [0, 1, 15, 16, 17, 1000]
 # Output tolerance per dtype: inputs are rounded to the dtype, math is fp32.
@@ -67,8 +67,9 @@ def check(batch, block_size, dtype):
     triton_out = hybrid_tree_attention(query, key_cache, value_cache, table, prefix_lens,
                                        tree_start_loc, masks, block_size,
                                        max_prefix_len=int(prefix_lens.max()))
-    cpu_out = hybrid_tree_attention_cpu(query, key_cache, value_cache, table, prefix_lens,
-                                        tree_start_loc, masks, block_size, split_len=300)
+    cpu_out = hybrid_tree_attention_cpu(query, lambda slots: (key_cache[slots], value_cache[slots]),
+                                        table, prefix_lens, tree_start_loc, masks, block_size,
+                                        split_len=300)
     tolerance = TOLERANCE[dtype]
     for got in (triton_out, cpu_out):
         assert got.dtype == dtype
@@ -93,10 +94,10 @@ def test_half_precision(shape, dtype):
 
 
 def test_largest_tree_uses_all_64_mask_bits():
-    batch = make_batch([("opt_tree", MAX_TREE_NODES), ("path", MAX_TREE_NODES)], [15, 0],
+    batch = make_batch([("opt_tree", MAX_TREE_TOKENS), ("path", MAX_TREE_TOKENS)], [15, 0],
                        4, 1, 16, torch.float32, seed=2)
     masks = batch[-1]
-    assert int(masks[MAX_TREE_NODES - 1]) < 0  # bit 63 set on the last path node
+    assert int(masks[MAX_TREE_TOKENS - 1]) < 0  # bit 63 set on the last path node
     check(batch, 16, torch.float32)
 
 

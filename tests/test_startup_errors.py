@@ -50,7 +50,9 @@ def gpt2_draft(tiny_pair, tmp_path_factory):
         ({"refresh_every": 0}, r"speculative_config\.refresh_every=0"),
         ({"recent_tokens": -1}, r"speculative_config\.recent_tokens=-1"),
         ({"top_k_chunks": 64}, r"speculative_config\.top_k_chunks: the working cache .* "
-                               r"exceeds the draft's max_position_embeddings \(2048\)"),
+                               r"exceeds draft_window=2048"),
+        ({"draft_window": 4096}, r"speculative_config\.draft_window=4096 exceeds the draft's "
+                                 r"max_position_embeddings \(2048\)"),
     ],
 )
 def test_bad_setting_named(tiny_pair, settings, pattern):
@@ -62,6 +64,11 @@ def test_chunk_size_not_multiple_of_block_size(tiny_pair):
     with pytest.raises(SpecExtendConfigError,
                        match=r"chunk_size=48 must be a multiple of the KV cache block size \(32\)"):
         start(tiny_pair, engine_kwargs={"block_size": 32}, chunk_size=48)
+
+
+def test_quantized_kv_cache_is_refused(tiny_pair):
+    with pytest.raises(SpecExtendConfigError, match=r"kv_cache_dtype=fp8: .*leave kv_cache_dtype"):
+        start(tiny_pair, engine_kwargs={"kv_cache_dtype": "fp8"})
 
 
 def test_unsupported_draft_model(tiny_pair, gpt2_draft):

@@ -1,43 +1,53 @@
-"""Pieces of the draft's tree forwards that need no engine: the root's
-context taken from the first pass's rows, and scratch rows in the mirror."""
+"""What a tree's nodes attend to besides their path, without an engine: a
+root without a working cache sees the last `main_window` positions of
+vLLM's cache up to itself; a root with one sees its working cache up to its
+compact position."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
-from vllm_specextend.paged_cache import slots_of
-from vllm_specextend.retrieval.draft_rows import plan_draft_rows
-from vllm_specextend.vllm_glue.kv_mirror import KVMirror
-from vllm_specextend.vllm_glue.tree_drafting import root_context
+from vllm_specextend.vllm_glue.tree_drafting import TreeContext
 
 
-def test_root_context_ends_at_the_root_and_skips_later_queries():
-    """Request 0 is a prefill of 10 tokens cut into pieces of 4 (root: its
-    last token); request 1 verified 3 tokens, accepted 1, and its root (the
-    bonus) is followed by 2 rejected slots in the same row."""
-    block_size = 4
-    block_table = torch.tensor([[3, 1, 2, 0, 8, 9, 10], [5, 6, 7, 4, 11, 12, 13]],
-                               dtype=torch.int32)
-    query_start_loc = torch.tensor([0, 10, 15])
-    seq_lens = torch.tensor([10, 25])
-    rows = plan_draft_rows(query_start_loc, seq_lens, block_table, window=6, piece_len=4,
-                           draft_max_positions=16)
-    roots = torch.tensor([9, 12])  # request 1: positions 20, 21 accepted, root at 22
-    slots, lens = root_context(rows, roots, block_size)
-    assert lens.tolist() == [6 + 2, 6 + 3]
-    expected = [list(range(2, 10)), list(range(14, 23))]
-    for request, positions in enumerate(expected):
-        want = slots_of(block_table[request], torch.tensor(positions), block_size)
-        assert slots[request, : lens[request]].tolist() == want.tolist()
+class PlainReader:
+    def read(self, cache, slots):
+        return cache[slots], cache[slots] + 1000
 
 
-def test_scratch_rows_grow_after_the_cache_slots_and_keep_the_mirror():
-    mirror = KVMirror()
-    kv_cache = torch.zeros(2, 4, 8, 2, 3)  # 32 slots of 2 heads x 3
-    keys = torch.randn(5, 2, 3)
-    slots = torch.tensor([0, 7, 31, -1, 12])
-    mirror.write(kv_cache, keys, keys + 1, slots, 5)
-    assert mirror.reserve_scratch(10) == 32 and mirror.keys.shape[0] == 42
-    assert mirror.reserve_scratch(12) == 32 and mirror.keys.shape[0] == 52  # doubled
-    assert mirror.reserve_scratch(4) == 32 and mirror.keys.shape[0] == 52
-    written = slots >= 0
-    assert torch.equal(mirror.keys[slots[written]], keys[written])
-    assert torch.equal(mirror.values[slots[written]], keys[written] + 1)
+def test_roots_see_their_window_or_their_working_cache():
+    block_size, main_window, capacity = 4, 6, 8
+    block_table = torch.tensor([[3, 1, 2, 0], [5, 6, 7, 4]], dtype=torch.int32)
+    main_cache = torch.arange(32.0)[:, None, None]  # slot s holds key s
+    working_cache = 100 + torch.arange(16.0)[:, None, None]  # two caches of 8 slots
+    caches = SimpleNamespace(geometry=SimpleNamespace(capacity=capacity),
+                             cache_of=lambda name, like: working_cache)
+    # Row 1 holds working cache 1 (slots 8..15); its window starts 10 past its compact positions.
+    round_ = SimpleNamespace(caches=caches, uses_working_caches=True,
+                             compact_rows_device=torch.tensor([1]),
+                             main_rows_device=torch.tensor([0]),
+                             compact_offsets=torch.tensor([10]),
+                             compact_bases=torch.tensor([8]), compact_rows=np.array([1]))
+    layers = {"draft.0": SimpleNamespace(kv_cache=main_cache)}
+    roots = torch.tensor([9, 13])
+    context = TreeContext(layers, PlainReader(), round_, block_table, roots, main_window,
+                          block_size)
+    keys, values = context.read("draft.0")
+    assert context.lens.tolist() == [6, 4]  # positions 4..9; compact 0..3
+    expected_slots = [int(block_table[0, p // 4]) * 4 + p % 4 for p in range(4, 10)]
+    assert keys[0, :6, 0, 0].tolist() == expected_slots
+    assert keys[1, :4, 0, 0].tolist() == [108.0, 109.0, 110.0, 111.0]
+    assert torch.equal(values, keys + 1000)
+    assert context.row_offsets.tolist() == [0, 10]
+
+
+def test_without_working_caches_every_root_sees_its_window():
+    block_table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    main_cache = torch.arange(32.0)[:, None, None]
+    layers = {"draft.0": SimpleNamespace(kv_cache=main_cache)}
+    context = TreeContext(layers, PlainReader(), None, block_table, torch.tensor([2, 15]), 6, 4)
+    keys, _ = context.read("draft.0")
+    assert context.lens.tolist() == [3, 6]
+    assert keys[0, :3, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert keys[1, :6, 0, 0].tolist() == [16.0 + p for p in range(10, 16)]

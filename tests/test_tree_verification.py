@@ -6,13 +6,12 @@ attention the chain of its path would get."""
 import torch
 
 from kernel_inputs import random_block_table
-from test_working_set import rope_cache
+from test_working_cache_layout import rope_cache, rotate_at
 from vllm_specextend.attention.hybrid_tree_attention import (
     ancestor_bitmasks,
     hybrid_tree_attention_cpu,
     tree_attention_reference,
 )
-from vllm_specextend.attention.working_set_attention import rotate
 from vllm_specextend.paged_cache import slots_of
 from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder
 from vllm_specextend.tree.verification import verification_layout
@@ -58,16 +57,19 @@ def test_each_node_is_verified_as_the_chain_of_its_path():
         value_cache = torch.zeros_like(key_cache)
         slots = slots_of(table[0], torch.arange(prefix_len + n), block_size)
         all_positions = torch.cat((torch.arange(prefix_len), positions))
-        key_cache[slots] = rotate(torch.cat((prefix_keys, node_keys[order])), all_positions,
+        key_cache[slots] = rotate_at(torch.cat((prefix_keys, node_keys[order])), all_positions,
                                   cos_sin)
         value_cache[slots] = torch.cat((prefix_values, node_values[order]))
         local = {int(node): i for i, node in enumerate(order)}
         parents = torch.tensor([local.get(int(layout.parents[node]), -1) for node in order])
         tree_start_loc = torch.tensor([0, n])
-        args = (rotate(node_queries[order], positions, cos_sin), key_cache, value_cache, table,
-                torch.tensor([prefix_len]), tree_start_loc,
+        query = rotate_at(node_queries[order], positions, cos_sin)
+        tree = (table, torch.tensor([prefix_len]), tree_start_loc,
                 ancestor_bitmasks(parents, tree_start_loc), block_size)
-        return tree_attention_reference(*args), hybrid_tree_attention_cpu(*args, split_len=16)
+        return (tree_attention_reference(query, key_cache, value_cache, *tree),
+                hybrid_tree_attention_cpu(
+                    query, lambda slots: (key_cache[slots], value_cache[slots]), *tree,
+                    split_len=16))
 
     everything = torch.arange(nodes)
     tree_out, tree_hta = attend(everything, layout.positions)

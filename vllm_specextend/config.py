@@ -2,11 +2,13 @@
 
 This module knows nothing of vLLM. The glue hands it the user's
 `speculative_config` dict and, once the engine is configured, the facts the
-settings must fit (KV block size, draft positions, speculative tokens).
+settings must fit (KV block size, draft positions, speculative tokens);
+`WorkingCacheGeometry` is what every process derives from them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,11 +17,42 @@ METHOD_NAME = "specextend"
 # Where the settings travel to engine-core and worker processes.
 ADDITIONAL_CONFIG_KEY = "specextend"
 # Ancestor masks are one int64 per node, the root included.
-MAX_TREE_NODES = 63
+MAX_TREE_TOKENS = 64
+MAX_TREE_NODES = MAX_TREE_TOKENS - 1
 # The draft tree kernel reads a path in one block of 32 keys.
 MAX_TREE_DEPTH = 32
 # Draft architectures with rotary positions: compact positions need RoPE.
 SUPPORTED_DRAFT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Working caches kept at most, by default, whatever max_num_seqs allows.
+DEFAULT_MAX_WORKING_CACHES = 32
+
+
+@dataclass(frozen=True)
+class WorkingCacheGeometry:
+    """Sizes every process derives from the settings and the engine.
+
+    A request past `retrieval_min_len` drafts over its working cache: its
+    top-k chunks and its recent window, from a chunk boundary, at compact
+    positions 0..n-1, then the tokens it gains until the next refresh and
+    the drafts past them; `capacity` bounds all of that. Requests without
+    one attend over vLLM's cache with a sliding window of `main_window`, so
+    no draft query ever spans `draft_window` positions."""
+
+    draft_window: int
+    chunk_size: int
+    top_k_chunks: int
+    recent_tokens: int
+    tokens_between_refreshes: int
+    positions_past_window: int
+    retrieval_min_len: int
+    main_window: int
+
+    @property
+    def capacity(self) -> int:
+        # The window starts at a chunk boundary: up to chunk_size - 1 more.
+        return (self.top_k_chunks * self.chunk_size + self.recent_tokens
+                + self.chunk_size - 1 + self.tokens_between_refreshes
+                + self.positions_past_window)
 
 
 class SpecExtendConfigError(ValueError):
@@ -33,15 +66,24 @@ class SpecExtendConfig(BaseModel):
 
     chunk_size: int = Field(default=32, gt=0)
     """Tokens per retrieval chunk; a multiple of the KV cache block size."""
-    top_k_chunks: int = Field(default=32, gt=0)
-    """Chunks the target's attention picks for the draft's working cache."""
+    draft_window: int | None = Field(default=None, gt=0)
+    """Positions the draft attends over at most; default: its
+    max_position_embeddings as its config ships it. Requests that fit it
+    draft over their whole context, as stock speculation does."""
+    top_k_chunks: int | None = Field(default=None, gt=0)
+    """Chunks the target's attention picks for the draft's working cache;
+    default: as many as the draft window holds (the paper: 32)."""
     recent_tokens: int = Field(default=256, gt=0)
     """Newest tokens the draft always sees, besides the retrieved chunks."""
     refresh_every: int = Field(default=4, gt=0)
     """Decoding steps between two refreshes of the chunk scores."""
     retrieval_min_len: int | None = Field(default=None, gt=0)
-    """Context length from which retrieval starts; default: the working-cache
-    budget (below it the draft sees the whole context anyway)."""
+    """Context length from which retrieval starts; default: the longest
+    context the draft window shows whole until the next refresh."""
+    max_working_caches: int | None = Field(default=None, gt=0)
+    """Requests that draft through a working cache at once (each holds
+    `capacity` tokens of draft K/V, allocated at start-up); default:
+    max_num_seqs, at most 32. Others draft over their recent window."""
     hybrid_tree_attention_min_len: int = Field(default=4096, gt=0)
     """Prefix length from which tree verification uses Hybrid Tree Attention
     (the paper finds it pays above about 4K tokens)."""
@@ -96,21 +138,42 @@ class SpecExtendConfig(BaseModel):
             return num_speculative_tokens + 1 + self.tree_max_depth
         return num_speculative_tokens
 
-    def working_cache_budget(self, num_speculative_tokens: int) -> int:
-        """Most draft context positions CMR can use: the top-k chunks, the
-        recent window, and every token added between two refreshes."""
-        tokens_between_refreshes = self.refresh_every * self.tokens_per_step(
-            num_speculative_tokens)
-        return (
-            self.top_k_chunks * self.chunk_size
-            + self.recent_tokens
-            + tokens_between_refreshes
-        )
-
-    def effective_retrieval_min_len(self, num_speculative_tokens: int) -> int:
-        if self.retrieval_min_len is not None:
-            return self.retrieval_min_len
-        return self.working_cache_budget(num_speculative_tokens)
+    def geometry(self, *, draft_max_positions: int,
+                 num_speculative_tokens: int) -> WorkingCacheGeometry:
+        """The working cache's sizes; errors name the fields to change.
+        `draft_max_positions`: the draft's max_position_embeddings as its
+        config ships it (vLLM may raise an EAGLE head's in memory)."""
+        window = self.draft_window or draft_max_positions
+        if window > draft_max_positions:
+            raise SpecExtendConfigError(
+                f"speculative_config.draft_window={window} exceeds the draft's "
+                f"max_position_embeddings ({draft_max_positions}): the draft would "
+                f"see positions it was not trained on. Allowed: draft_window in "
+                f"[1, {draft_max_positions}].")
+        between = self.refresh_every * self.tokens_per_step(num_speculative_tokens)
+        past = self.draft_positions_past_window(num_speculative_tokens)
+        # Window (from a chunk boundary), growth until the next refresh, drafts.
+        fixed = self.recent_tokens + self.chunk_size - 1 + between + past
+        room = (window - fixed) // self.chunk_size
+        top_k = self.top_k_chunks if self.top_k_chunks is not None else room
+        if top_k < 1 or top_k > room:
+            raise SpecExtendConfigError(
+                f"speculative_config.top_k_chunks: the working cache (top_k_chunks="
+                f"{top_k} x chunk_size={self.chunk_size} + recent_tokens="
+                f"{self.recent_tokens} + chunk_size - 1 + refresh_every x tokens per "
+                f"step={between} + {past} positions for the drafts = "
+                f"{top_k * self.chunk_size + fixed} tokens) exceeds draft_window="
+                f"{window}. Allowed: top_k_chunks in [1, {max(room, 0)}] with these "
+                f"settings, or a larger draft_window (at most the draft's "
+                f"max_position_embeddings), or lower recent_tokens, chunk_size or "
+                f"refresh_every.")
+        depth = self.tree_max_depth if self.tree else 0
+        return WorkingCacheGeometry(
+            draft_window=window, chunk_size=self.chunk_size, top_k_chunks=top_k,
+            recent_tokens=self.recent_tokens, tokens_between_refreshes=between,
+            positions_past_window=past,
+            retrieval_min_len=self.retrieval_min_len or max(window - between - past, 1),
+            main_window=window - depth)
 
     def check_fits_engine(
         self,
@@ -119,7 +182,7 @@ class SpecExtendConfig(BaseModel):
         draft_max_positions: int,
         num_speculative_tokens: int,
         draft_model_type: str,
-    ) -> None:
+    ) -> WorkingCacheGeometry:
         """Checks that need the configured engine; raise at start-up."""
         if draft_model_type not in SUPPORTED_DRAFT_MODEL_TYPES:
             raise SpecExtendConfigError(
@@ -136,32 +199,17 @@ class SpecExtendConfig(BaseModel):
                 f"{3 * block_size}, ... (or set --block-size to a divisor of "
                 f"chunk_size)."
             )
-        past_window = self.draft_positions_past_window(num_speculative_tokens)
-        limit = draft_max_positions - past_window
-        budget = self.working_cache_budget(num_speculative_tokens)
-        if budget > limit:
-            retrieved = self.top_k_chunks * self.chunk_size
-            between_refreshes = budget - retrieved - self.recent_tokens
-            max_top_k = max((limit - self.recent_tokens - between_refreshes)
-                            // self.chunk_size, 0)
-            raise SpecExtendConfigError(
-                f"speculative_config.top_k_chunks: the working cache "
-                f"(top_k_chunks={self.top_k_chunks} x chunk_size={self.chunk_size}"
-                f" + recent_tokens={self.recent_tokens} + refresh_every x "
-                f"tokens per step={between_refreshes} = {budget} "
-                f"tokens) exceeds the draft's max_position_embeddings "
-                f"({draft_max_positions}) minus the {past_window} positions its "
-                f"drafts need = {limit}. Allowed: top_k_chunks in "
-                f"[1, {max_top_k}] with these settings, or lower recent_tokens, "
-                f"chunk_size or refresh_every."
-            )
+        return self.geometry(draft_max_positions=draft_max_positions,
+                             num_speculative_tokens=num_speculative_tokens)
 
-    def summary(self, num_speculative_tokens: int) -> str:
+    def max_working_caches_for(self, max_num_seqs: int) -> int:
+        return self.max_working_caches or min(max_num_seqs, DEFAULT_MAX_WORKING_CACHES)
+
+    def summary(self, geometry: WorkingCacheGeometry) -> str:
         fields = " ".join(f"{k}={v}" for k, v in self.model_dump().items())
-        return (
-            f"{fields} working_cache_budget="
-            f"{self.working_cache_budget(num_speculative_tokens)}"
-        )
+        return (f"{fields} (resolved: draft_window={geometry.draft_window} "
+                f"top_k_chunks={geometry.top_k_chunks} working_cache_capacity="
+                f"{geometry.capacity} retrieval_min_len={geometry.retrieval_min_len})")
 
 
 def split_speculative_config(
@@ -213,7 +261,12 @@ def _allowed_range(field: str) -> str:
         return ""
     if info.annotation is bool:
         return "true or false"
+    bounds = []
     for constraint in info.metadata:
-        if getattr(constraint, "gt", None) is not None:
-            return f"an integer > {constraint.gt}"
-    return ""
+        for attribute, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(constraint, attribute, None) is not None:
+                bounds.append(f"{symbol} {getattr(constraint, attribute)}")
+    if not bounds:
+        return ""
+    kind = "a number" if info.annotation is float else "an integer"
+    return f"{kind} " + " and ".join(bounds)

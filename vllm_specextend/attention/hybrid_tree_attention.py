@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_specextend.config import MAX_TREE_TOKENS
 from vllm_specextend.paged_cache import slots_of
 
-MAX_TREE_NODES = 64  # one int64 ancestor bitmask per node
 
 
 def ancestor_bitmasks(parents: torch.Tensor, tree_start_loc: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,8 @@ def ancestor_bitmasks(parents: torch.Tensor, tree_start_loc: torch.Tensor) -> to
     masks = torch.zeros_like(parents, dtype=torch.int64)
     starts = tree_start_loc.tolist()
     for start, end in zip(starts[:-1], starts[1:]):
-        if end - start > MAX_TREE_NODES:
-            raise ValueError(f"a tree has {end - start} nodes; at most {MAX_TREE_NODES}")
+        if end - start > MAX_TREE_TOKENS:
+            raise ValueError(f"a tree has {end - start} nodes; at most {MAX_TREE_TOKENS}")
         for local in range(end - start):
             parent = int(parents[start + local])
             assert parent < local, "parents must come before their children"
@@ -225,7 +225,7 @@ def tree_part_attention(query, key_cache, value_cache, block_table, prefix_lens,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         block_size, num_heads // key_cache.shape[1], scale,
-        HEAD_DIM=head_dim, MAX_NODES=MAX_TREE_NODES)
+        HEAD_DIM=head_dim, MAX_NODES=MAX_TREE_TOKENS)
     return out, lse
 
 
@@ -250,34 +250,38 @@ def hybrid_tree_attention(query, key_cache, value_cache, block_table, prefix_len
     return merged.to(query.dtype)
 
 
-def hybrid_tree_attention_cpu(query, key_cache, value_cache, block_table, prefix_lens,
-                              tree_start_loc, tree_masks, block_size: int,
-                              scale: float | None = None, split_len: int = 4096):
+def hybrid_tree_attention_cpu(query, read_kv, block_table, prefix_lens, tree_start_loc,
+                              tree_masks, block_size: int, scale: float | None = None,
+                              split_len: int = 4096):
     """HTA in torch ops, for CPUs (Triton does not run there): the prefix part
     in split-KV pieces of `split_len` keys, each with its LSE, merged as they
     come; the tree part under the ancestor mask; then the merge. The GQA
-    group shares its keys (one matmul per KV head). Same inputs as
-    `tree_attention_reference`."""
+    group shares its keys (one matmul per KV head). Inputs as
+    `tree_attention_reference`, but the caches are read through
+    `read_kv(slots) -> (keys, values)` [n, num_kv_heads, head_dim] (vLLM's
+    packed CPU cache is read in place that way)."""
     num_heads, head_dim = query.shape[1:]
-    num_kv_heads = key_cache.shape[1]
-    group = num_heads // num_kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     starts, prefix_list = tree_start_loc.tolist(), prefix_lens.tolist()
     for row, prefix_len in enumerate(prefix_list):
         start, end = starts[row], starts[row + 1]
         nodes = end - start
-        # [kv_heads, group * nodes, head_dim]
-        grouped = query[start:end].float().view(nodes, num_kv_heads, group, head_dim)
-        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * nodes, head_dim)
+        grouped = None
 
         def attend(first: int, last: int, visible: torch.Tensor | None):
+            nonlocal grouped
             positions = torch.arange(first, last, device=query.device)
+            keys, values = read_kv(slots_of(block_table[row], positions, block_size))
+            num_kv_heads = keys.shape[1]
+            group = num_heads // num_kv_heads
+            if grouped is None:  # [kv_heads, group * nodes, head_dim]
+                grouped = query[start:end].float().view(nodes, num_kv_heads, group, head_dim)
+                grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * nodes,
+                                                              head_dim)
             # [kv_heads, n, head_dim], contiguous for the batched matmuls
-            keys = _gather(key_cache, block_table[row], positions, block_size)
-            keys = keys.transpose(0, 1).contiguous()
-            values = _gather(value_cache, block_table[row], positions, block_size)
-            values = values.transpose(0, 1).contiguous()
+            keys = keys.float().transpose(0, 1).contiguous()
+            values = values.float().transpose(0, 1).contiguous()
             logits = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)
             if visible is not None:
                 logits.view(num_kv_heads, group, nodes, -1).masked_fill_(~visible, float("-inf"))
@@ -292,7 +296,8 @@ def hybrid_tree_attention_cpu(query, key_cache, value_cache, block_table, prefix
         for first in range(0, prefix_len, split_len):
             part = attend(first, min(first + split_len, prefix_len), None)
             merged, lse = merge_attention_states(*part, merged, lse)
-        out[start:end] = merged.view(num_kv_heads, group, nodes, head_dim).permute(
-            2, 0, 1, 3).reshape(nodes, num_heads, head_dim)
+        num_kv_heads = merged.shape[0]
+        out[start:end] = merged.view(num_kv_heads, num_heads // num_kv_heads, nodes,
+                                     head_dim).permute(2, 0, 1, 3).reshape(nodes, num_heads,
+                                                                           head_dim)
     return out.to(query.dtype)
-

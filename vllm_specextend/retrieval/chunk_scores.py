@@ -4,9 +4,11 @@ The target's final-layer query of each request's last accepted token attends
 over the whole context; the softmax is averaged over heads, and each chunk of
 `chunk_size` tokens scores the mean of its tokens' probabilities.
 
-Keys are read through each request's block table from a key cache viewed as
-`[num_slots, num_kv_heads, head_dim]` (slot = block * block_size + offset),
-so the same code reads vLLM's paged layout or a plain mirror of it.
+The Triton kernel reads keys through each request's block table from a key
+cache viewed as `[num_blocks, block_size, num_kv_heads, head_dim]` with any
+strides: vLLM's paged layout on GPU, in place. Where the cache is packed
+(vLLM's CPU build) the keys are gathered first and scored by
+`chunk_scores_dense`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_specextend.paged_cache import slots_of
 
 
 def chunk_scores_reference(
     query: torch.Tensor,  # [batch, num_heads, head_dim], post-RoPE
-    key_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_table: torch.Tensor,  # [batch, max_blocks]
     context_lens: torch.Tensor,  # [batch]
     block_size: int,
@@ -31,7 +32,7 @@ def chunk_scores_reference(
 ) -> torch.Tensor:
     """[batch, max_chunks] float32; chunks past a request's context: -inf."""
     batch, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[1]
+    num_kv_heads = key_cache.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     max_len = int(context_lens.max())
     max_chunks = triton.cdiv(max_len, chunk_size)
@@ -40,7 +41,8 @@ def chunk_scores_reference(
     for row in range(batch):
         length = int(context_lens[row])
         positions = torch.arange(length, device=query.device)
-        keys = key_cache[slots_of(block_table[row], positions, block_size)]
+        blocks = block_table[row, positions // block_size].long()
+        keys = key_cache[blocks, positions % block_size]
         keys = keys.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         logits = torch.einsum("hd,thd->ht", query[row].float(), keys) * scale
         probs = logits.softmax(dim=-1).mean(dim=0)  # [length]
@@ -53,23 +55,50 @@ def chunk_scores_reference(
     return scores
 
 
+def chunk_scores_dense(
+    query: torch.Tensor,  # [batch, num_heads, head_dim], post-RoPE
+    keys: torch.Tensor,  # [batch, max_len, num_kv_heads, head_dim] in position order
+    context_lens: torch.Tensor,  # [batch], at most max_len
+    chunk_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`chunk_scores_reference` over keys already gathered, for the whole
+    batch at once (no per-row loop, no host sync): [batch, cdiv(max_len,
+    chunk_size)] float32, -inf past each context."""
+    batch, num_heads, head_dim = query.shape
+    max_len, num_kv_heads = keys.shape[1], keys.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    grouped = query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = torch.einsum("bkgd,btkd->bkgt", grouped, keys.float()) * scale
+    position = torch.arange(max_len, device=query.device)
+    inside = position[None, :] < context_lens.long()[:, None]
+    logits = logits.masked_fill(~inside[:, None, None, :], float("-inf"))
+    probs = logits.softmax(dim=-1).mean(dim=(1, 2))  # [batch, max_len]
+    num_chunks = triton.cdiv(max_len, chunk_size)
+    padded = torch.nn.functional.pad(probs, (0, num_chunks * chunk_size - max_len))
+    totals = padded.view(batch, num_chunks, chunk_size).sum(dim=-1)
+    starts = torch.arange(num_chunks, device=query.device) * chunk_size
+    chunk_lens = (context_lens.long()[:, None] - starts[None, :]).clamp(0, chunk_size)
+    return torch.where(chunk_lens > 0, totals / chunk_lens.clamp(min=1), float("-inf"))
+
+
 @triton.jit
 def _load_key_tile(key_cache, block_table, row, positions, limit, kv_head, dims,
-                   head_dim, stride_slot, stride_head, stride_table, block_size):
+                   head_dim, stride_block, stride_token, stride_head, stride_table,
+                   block_size):
     """Keys at `positions` (those below `limit`) through the block table."""
     valid = positions < limit
     block = tl.load(block_table + row * stride_table + positions // block_size,
                     mask=valid, other=0).to(tl.int64)
-    slots = block * block_size + positions % block_size
-    keys = tl.load(key_cache + slots[:, None] * stride_slot + kv_head * stride_head
-                   + dims[None, :], mask=valid[:, None] & (dims[None, :] < head_dim),
-                   other=0.0)
+    token = block * stride_block + (positions % block_size) * stride_token
+    keys = tl.load(key_cache + token[:, None] + kv_head * stride_head + dims[None, :],
+                   mask=valid[:, None] & (dims[None, :] < head_dim), other=0.0)
     return keys.to(tl.float32), valid
 
 
 @triton.jit
 def _softmax_lse_kernel(query, key_cache, block_table, context_lens, lse,
-                        stride_q_row, stride_q_head, stride_slot, stride_head,
+                        stride_q_row, stride_q_head, stride_block, stride_token, stride_head,
                         stride_table, block_size, group_size, scale, head_dim,
                         HEAD_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 1: log-sum-exp of the scaled logits over the context, per head."""
@@ -84,8 +113,8 @@ def _softmax_lse_kernel(query, key_cache, block_table, context_lens, lse,
     for start in range(0, length, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         keys, valid = _load_key_tile(key_cache, block_table, row, positions, length,
-                                     head // group_size, dims, head_dim, stride_slot,
-                                     stride_head, stride_table, block_size)
+                                     head // group_size, dims, head_dim, stride_block,
+                                     stride_token, stride_head, stride_table, block_size)
         logits = tl.where(valid, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
@@ -96,7 +125,7 @@ def _softmax_lse_kernel(query, key_cache, block_table, context_lens, lse,
 
 @triton.jit
 def _chunk_scores_kernel(query, key_cache, block_table, context_lens, lse, scores,
-                         stride_q_row, stride_q_head, stride_slot, stride_head,
+                         stride_q_row, stride_q_head, stride_block, stride_token, stride_head,
                          stride_table, stride_scores, block_size, num_heads, group_size,
                          scale, head_dim, chunk_size,
                          HEAD_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr):
@@ -112,8 +141,8 @@ def _chunk_scores_kernel(query, key_cache, block_table, context_lens, lse, score
         total = tl.zeros((CHUNK_TILE,), dtype=tl.float32)
         for head in range(0, num_heads):
             keys, valid = _load_key_tile(key_cache, block_table, row, positions, limit,
-                                         head // group_size, dims, head_dim, stride_slot,
-                                         stride_head, stride_table, block_size)
+                                         head // group_size, dims, head_dim, stride_block,
+                                         stride_token, stride_head, stride_table, block_size)
             q = tl.load(query + row * stride_q_row + head * stride_q_head + dims,
                         mask=dims < head_dim, other=0.0).to(tl.float32)
             head_lse = tl.load(lse + row * num_heads + head)
@@ -137,15 +166,15 @@ def chunk_scores(
     """Triton version of `chunk_scores_reference`. `max_len` bounds the
     context lengths (passed in so the call needs no host sync)."""
     batch, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[1]
-    assert key_cache.stride(2) == 1 and query.stride(2) == 1
+    num_kv_heads = key_cache.shape[2]
+    assert key_cache.stride(3) == 1 and query.stride(2) == 1
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     max_chunks = triton.cdiv(max_len, chunk_size)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=query.device)
     scores = torch.full((batch, max_chunks), float("-inf"), dtype=torch.float32,
                         device=query.device)
     common = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-              block_table.stride(0))
+              key_cache.stride(2), block_table.stride(0))
     _softmax_lse_kernel[(batch, num_heads)](
         query, key_cache, block_table, context_lens, lse, *common, block_size,
         num_heads // num_kv_heads, scale, head_dim,

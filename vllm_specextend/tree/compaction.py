@@ -28,8 +28,3 @@ def compaction_moves(accepted: torch.Tensor, num_accepted: torch.Tensor,
     source = slots_of(block_table, base + accepted.clamp(min=0), block_size)
     destination = slots_of(block_table, base + path_index, block_size)
     return source[needed], destination[needed]
-
-
-def apply_moves(cache: torch.Tensor, source: torch.Tensor, destination: torch.Tensor) -> None:
-    """cache [num_slots, ...]: copy each source slot to its destination."""
-    cache[destination] = cache[source]

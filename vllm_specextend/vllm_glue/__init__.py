@@ -1,7 +1,10 @@
 """Everything that touches vLLM internals. When vLLM changes, this folder
-changes; `PATCHES` lists each replaced attribute."""
+changes; `PATCHES` lists each replaced class attribute, and
+`patching.replace_on_instance` records every change to an object vLLM
+built (`patching.applied_patches()` lists both)."""
 
 from vllm_specextend.vllm_glue.draft_model import (
+    wrap_build_attn_metadata,
     wrap_input_fits_in_drafter,
     wrap_proposer_load_model,
     wrap_proposer_propose,
@@ -43,13 +46,19 @@ PATCHES = [
         "vllm.v1.spec_decode.llm_base_proposer",
         "SpecDecodeBaseProposer.load_model",
         wrap_proposer_load_model,
-        "draft attention at compact positions; capture the target's last layer",
+        "working caches, the draft's attention and the target's query capture",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata",
+        wrap_build_attn_metadata,
+        "draft forwards with working caches: one split plan per forward",
     ),
     Patch(
         "vllm.v1.spec_decode.llm_base_proposer",
         "SpecDecodeBaseProposer.propose",
         wrap_proposer_propose,
-        "refresh chunk scores and working sets before each drafting round",
+        "before each drafting round: refresh working caches, plan the round",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner",

@@ -1,178 +1,201 @@
-"""Draft side of SpecExtend inside vLLM's draft-model proposer (V1 runner).
+"""Draft side of SpecExtend inside vLLM's draft proposers (V1 runner).
 
-After the proposer loads the draft, each draft attention module gets a
-rotary embedding that leaves q and k un-rotated, and its attention
-implementation is replaced: keys and values are stored un-rotated at their
-true slots (slots come from true positions and the shared block table, as
-vLLM computes them), in plain per-layer buffers because the CPU cache layout
-is packed; attention then reads each request's rows (`plan_draft_rows`) at
-compact positions (`working_set_attention`, or its CPU path).
+After the proposer loads the draft, `SpecExtendDrafting` attaches to it and
+allocates, before vLLM measures memory for its KV cache, everything it
+keeps: the working caches, the target's final-layer query capture, the tree
+scratch rows. Each draft layer's attention is wrapped (`draft_attention`).
+Before every drafting round, `before_drafting` is the SpecExtend step:
+free the caches of requests that left, refresh when due (score, select,
+lay out), and plan which rows draft over their working cache.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
-from vllm_specextend.attention.draft_tree_attention import (
-    draft_tree_attention,
-    draft_tree_attention_cpu,
-)
-from vllm_specextend.attention.working_set_attention import (
-    working_set_attention,
-    working_set_attention_cpu,
-)
-from vllm_specextend.config import SpecExtendConfig
-from vllm_specextend.retrieval.draft_rows import DraftRows, plan_draft_rows
-from vllm_specextend.retrieval.working_set import WorkingSets, working_set_positions
+from vllm_specextend.attention.rope import backward_table, rotary_table
+from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
 from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
 )
-from vllm_specextend.vllm_glue.engine_config import settings_of
-from vllm_specextend.vllm_glue.kv_mirror import KVMirror
-from vllm_specextend.vllm_glue.tree_drafting import DraftTreeLayer, TreeDrafter
+from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
+from vllm_specextend.vllm_glue.engine_config import geometry_of, settings_of
+from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
+from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.tree_drafting import TreeDrafter
+from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, WorkingCaches
 
 logger = logging.getLogger("vllm.specextend")
+MIB = 1 << 20
 
 
-class UnrotatedPositions(nn.Module):
-    """Stands in for a draft layer's rotary embedding: RoPE is applied at
-    read time, at compact positions."""
+class SpecExtendDrafting:
+    """Everything SpecExtend keeps beside one draft proposer."""
 
-    def forward(self, positions, query, key):
-        return query, key
+    def __init__(self, proposer, target_model: nn.Module, settings: SpecExtendConfig):
+        vllm_config = proposer.vllm_config
+        self.proposer = proposer
+        self.settings = settings
+        self.geometry = geometry_of(settings, vllm_config)
+        block_size = vllm_config.cache_config.block_size
+        max_model_len = vllm_config.model_config.max_model_len
+        dtype, device = vllm_config.model_config.dtype, proposer.device
+        forward_context = vllm_config.compilation_config.static_forward_context
+        self.layers = {name: forward_context[name]
+                       for name in sorted(proposer._draft_attn_layer_names)}
+        cos_sin = _lengthened_rotary(proposer.model, max_model_len)
+        self.backward = backward_table(cos_sin).to(device, dtype)
+        self.reader = reader_for(next(iter(self.layers.values())), block_size, dtype,
+                                 vllm_config.cache_config.cache_dtype)
+        self.caches = None
+        if settings.retrieval and max_model_len > self.geometry.retrieval_min_len:
+            num_caches = settings.max_working_caches_for(vllm_config.scheduler_config.max_num_seqs)
+            self.caches = WorkingCaches(self.layers, self.geometry, num_caches, block_size,
+                                        dtype, device)
+        scratch = _tree_scratch(self.layers, settings, vllm_config, dtype, device)
+        install_draft_attention(self.layers, self.backward, self.caches,
+                                self.geometry.main_window, scratch)
+        self.retrieval = None
+        if self.caches is not None:
+            target_layer = _rotary_attention_modules(target_model)[-1].attn
+            capture = FinalLayerCapture(target_layer.impl.forward, proposer.max_num_tokens,
+                                        target_layer.num_heads, target_layer.head_size, dtype,
+                                        device)
+            replace_on_instance(target_layer.impl, "forward", capture.forward,
+                                "keep the target's final-layer queries for chunk scores")
+            self.retrieval = CrossModelRetrieval(
+                settings, self.geometry, capture, target_layer,
+                reader_for(target_layer, block_size, dtype, vllm_config.cache_config.cache_dtype),
+                block_size)
+        self.tree_drafter = None
+        if settings.tree:
+            self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
+                                            self.geometry.main_window, block_size)
+        self.staging = HostStaging(proposer.max_num_tokens, device)
+        self.runner = proposer.specextend_runner
+        self.rounds = 0
+        self.round: DraftRound | None = None
+        self._logged_first_working_caches = False
+        self._log_allocations(scratch)
 
+    def _log_allocations(self, scratch) -> None:
+        parts = []
+        if self.caches is not None:
+            parts.append(f"working caches {self.caches.num_caches} x "
+                         f"{self.geometry.capacity} tokens x {len(self.layers)} draft layers = "
+                         f"{self.caches.nbytes / MIB:.1f} MiB")
+            parts.append(f"target query capture {self.retrieval.capture.nbytes / MIB:.1f} MiB")
+        if scratch:
+            size = sum(t.numel() * t.element_size() for pair in scratch.values() for t in pair)
+            parts.append(f"tree scratch {size / MIB:.1f} MiB")
+        logger.info("SpecExtend: allocated at load, before vLLM sizes its KV cache: %s",
+                    "; ".join(parts) or "nothing (no request can pass the draft window)")
 
-class DraftRowPlanner:
-    """Builds the rows of one draft forward once; every layer reuses them."""
+    def before_drafting(self, metadata, query_indices: torch.Tensor,
+                        target_positions: torch.Tensor) -> None:
+        """The SpecExtend step of one drafting round (section 3.2)."""
+        round_index = self.rounds
+        self.rounds += 1
+        if self.caches is None:
+            return
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        self.caches.keep_holders(req_ids, computed)
+        # Past the threshold and done with the prompt: a decoding step.
+        eligible = (computed > self.geometry.retrieval_min_len) & (
+            computed >= batch.num_prompt_tokens[:num_reqs])
+        due = self.caches.due_rows(req_ids, eligible, computed, round_index,
+                                   self.settings.refresh_every)
+        cache_of_row = self.caches.caches_of(req_ids)
+        first_pass_lens = (np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+                           + self.proposer.net_num_new_slots_per_request)
+        self.round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
+        if len(due):
+            self._refresh(metadata, query_indices, target_positions, due, cache_of_row[due])
+            self.round.read_offsets()
+        if not self._logged_first_working_caches and self.round.uses_working_caches:
+            self._logged_first_working_caches = True
+            logger.info("SpecExtend: first working caches filled (%d of %d requests past "
+                        "%d tokens)", len(self.round.compact_rows), num_reqs,
+                        self.geometry.retrieval_min_len)
 
-    def __init__(self, window: int, piece_len: int, draft_max_positions: int):
-        self.window = window
-        self.piece_len = piece_len
-        self.draft_max_positions = draft_max_positions
-        # Set for one drafting round by CMR; None before any scores.
-        self.working_sets: WorkingSets | None = None
-        self._metadata = None
-        self._rows: DraftRows | None = None
-        self._logged_first_use = False
+    def _refresh(self, metadata, query_indices, target_positions, rows: np.ndarray,
+                 caches: np.ndarray) -> None:
+        """Score, select and lay out the working cache of each of `rows`."""
+        rows = self.staging.to_device("due_rows", rows)
+        caches = self.staging.to_device("due_caches", caches)
+        query_start_loc = metadata.query_start_loc
+        cached_lens = (metadata.seq_lens - (query_start_loc[1:] - query_start_loc[:-1]))[rows]
+        last_accepted = query_indices[rows]
+        block_table = metadata.block_table_tensor[rows]
+        layout = self.retrieval.layout(last_accepted, cached_lens,
+                                       target_positions[last_accepted].long() + 1,
+                                       block_table, metadata.max_seq_len)
+        self.caches.fill(self.layers, self.reader, block_table, caches, layout, self.backward)
 
-    def rows_for(self, attn_metadata) -> DraftRows:
-        if attn_metadata is not self._metadata:
-            qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
-            working_set_keys = None
-            if self.working_sets is not None:
-                first_positions = seq_lens - (qsl[1:] - qsl[:-1])
-                working_set_keys = working_set_positions(
-                    self.working_sets, first_positions, attn_metadata.max_seq_len,
-                    self.window)
-            self._rows = plan_draft_rows(
-                qsl, seq_lens, attn_metadata.block_table, self.window, self.piece_len,
-                self.draft_max_positions, working_set_keys,
-            )
-            self._metadata = attn_metadata
-            # Checked (a host sync) only until the first working set is used.
-            if not self._logged_first_use and working_set_keys is not None \
-                    and bool(self._rows.uses_working_set.any()):
-                self._logged_first_use = True
-                logger.info("SpecExtend: the draft attended to its first working sets")
-        return self._rows
+    def end_round(self) -> None:
+        self.round = None
 
+    def plan_forward(self, proposer, cad, draft_index: int):
+        """Per-layer metadata of one draft forward: vLLM's own when no row of
+        the round holds a working cache, else the split `DraftStepPlan`."""
+        [group] = proposer.draft_attn_groups
 
-class CompactDraftAttention:
-    """Replaces one draft layer's `impl.forward`."""
+        def builder_of(sub_cad):
+            return group.build_metadata_for_drafting(common_attn_metadata=sub_cad,
+                                                     draft_index=draft_index)
 
-    def __init__(self, impl, cos_sin: torch.Tensor, block_size: int, planner: DraftRowPlanner):
-        self.impl = impl
-        self.cos_sin = cos_sin
-        self.block_size = block_size
-        self.planner = planner
-        self.kv = KVMirror()
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        if attn_metadata is None:  # profiling / warm-up run
-            return output
-        num_tokens = attn_metadata.num_actual_tokens
-        query = query[:num_tokens]
-        if isinstance(attn_metadata, DraftTreeLayer):
-            self.kv.write(kv_cache, key, value, attn_metadata.node_slots, num_tokens)
-            kernels = (draft_tree_attention, draft_tree_attention_cpu)
-            arguments = (query, self.kv.keys, self.kv.values, attn_metadata.context_slots,
-                         attn_metadata.context_lens, attn_metadata.query_start_loc,
-                         attn_metadata.path_slots, attn_metadata.path_lens, self.cos_sin,
-                         self.impl.scale)
-        else:
-            self.kv.write(kv_cache, key, value, attn_metadata.slot_mapping, num_tokens)
-            rows = self.planner.rows_for(attn_metadata)
-            kernels = (working_set_attention, working_set_attention_cpu)
-            arguments = (query, self.kv.keys, self.kv.values, rows.block_tables,
-                         rows.query_start_loc, rows.key_positions, rows.num_keys, self.cos_sin,
-                         self.block_size, self.impl.scale)
-        if query.is_cuda:
-            out, _ = kernels[0](*arguments)
-        else:
-            out = kernels[1](*arguments)
-        output[:num_tokens] = out.reshape(output[:num_tokens].shape).to(output.dtype)
-        return output
-
-
-def _rotary_cos_sin(rotary_emb, head_dim: int) -> torch.Tensor:
-    if not getattr(rotary_emb, "is_neox_style", False) or rotary_emb.rotary_dim != head_dim:
-        raise ValueError(
-            "speculative_config.model: SpecExtend needs a draft with full-head "
-            "NeoX-style rotary embeddings (Llama, Qwen2, Mistral)"
-        )
-    return rotary_emb.cos_sin_cache
+        positions = proposer.positions[: cad.num_actual_tokens]
+        plan = self.round.plan_forward(builder_of, cad, positions, draft_index)
+        return [plan], dict.fromkeys(group.layer_names, plan)
 
 
 def _rotary_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "attn")]
 
 
-def draft_row_planner(settings: SpecExtendConfig, num_speculative_tokens: int,
-                      draft_max_positions: int) -> DraftRowPlanner:
-    """Rows that keep every compact position in the draft's range. With CMR
-    the window is the working-cache budget; tree mode without CMR gives the
-    draft a quarter of its positions for prefill pieces and the rest as its
-    sliding window. A tree grows up to `tree_max_depth` past any row."""
-    tree_depth = settings.tree_max_depth if settings.tree else 0
-    if settings.retrieval:
-        window = settings.working_cache_budget(num_speculative_tokens)
-        piece_len = draft_max_positions - window - tree_depth
-    else:
-        piece_len = draft_max_positions // 4
-        window = draft_max_positions - piece_len - tree_depth
-    return DraftRowPlanner(window, piece_len, draft_max_positions)
-
-
-def install_compact_attention(draft_model: nn.Module, planner: DraftRowPlanner,
-                              block_size: int) -> list[KVMirror]:
-    """Rewire every attention module of the draft to one shared planner;
-    returns the layers' mirrors."""
+def _lengthened_rotary(draft_model: nn.Module, num_positions: int) -> torch.Tensor:
+    """The draft's RoPE table (float32) over the target's length. Queries and
+    keys keep their true positions; the draft's own table is lengthened
+    (recorded) where it is shorter, so a request past the draft's positions
+    still rotates (the sliding window keeps what a query spans in range)."""
     modules = _rotary_attention_modules(draft_model)
     if not modules:
-        raise ValueError("speculative_config.model: no rotary attention layers found in the draft")
-    mirrors = []
-    for module in modules:
-        impl = module.attn.impl
-        cos_sin = _rotary_cos_sin(module.rotary_emb, module.attn.head_size)
-        module.rotary_emb = UnrotatedPositions()
-        compact = CompactDraftAttention(impl, cos_sin, block_size, planner)
-        impl.forward = compact.forward
-        impl.mirror_kv = False  # the HTA backend's mirror: these layers keep their own
-        mirrors.append(compact.kv)
-    return mirrors
+        raise SpecExtendConfigError(
+            "speculative_config.model: no rotary attention layers found in the draft")
+    rotary = modules[0].rotary_emb
+    if not getattr(rotary, "is_neox_style", False) or rotary.rotary_dim != modules[0].attn.head_size:
+        raise SpecExtendConfigError(
+            "speculative_config.model: SpecExtend needs a draft with full-head NeoX-style "
+            "rotary embeddings (Llama, Qwen2, Mistral)")
+    table = rotary_table(rotary, max(num_positions, rotary.cos_sin_cache.shape[0]))
+    for module in {id(m.rotary_emb): m.rotary_emb for m in modules}.values():
+        if module.cos_sin_cache.shape[0] < num_positions:
+            replace_on_instance(module, "cos_sin_cache",
+                                table.to(module.cos_sin_cache.device,
+                                         module.cos_sin_cache.dtype),
+                                "the draft's RoPE table over the target's length")
+    return table
 
 
-def install_final_layer_capture(target_model: nn.Module) -> FinalLayerCapture:
-    impl = _rotary_attention_modules(target_model)[-1].attn.impl
-    shared = impl.kv if getattr(impl, "mirror_kv", False) else None  # the HTA backend's
-    capture = FinalLayerCapture(impl.forward, shared)
-    impl.forward = capture.forward
-    return capture
+def _tree_scratch(layers, settings: SpecExtendConfig, vllm_config, dtype, device):
+    """Per draft layer, keys and values of every tree node a step can grow."""
+    if not settings.tree:
+        return {}
+    rows = (vllm_config.scheduler_config.max_num_seqs * settings.tree_max_depth
+            * settings.tree_nodes)
+    return {name: tuple(torch.zeros(rows, layer.num_kv_heads, layer.head_size, dtype=dtype,
+                                    device=device) for _ in range(2))
+            for name, layer in layers.items()}
 
 
 def wrap_proposer_load_model(original):
@@ -180,75 +203,64 @@ def wrap_proposer_load_model(original):
     def load_model(self, target_model, *args, **kwargs):
         original(self, target_model, *args, **kwargs)
         settings = settings_of(self.vllm_config)
-        if settings is None or not (settings.retrieval or settings.tree):
-            return
-        spec = self.vllm_config.speculative_config
-        draft_max = spec.draft_model_config.hf_config.max_position_embeddings
-        block_size = self.vllm_config.cache_config.block_size
-        self.specextend_planner = draft_row_planner(settings, spec.num_speculative_tokens,
-                                                    draft_max)
-        mirrors = install_compact_attention(self.model, self.specextend_planner, block_size)
-        logger.info("SpecExtend: draft attends at compact positions (window %d, draft "
-                    "positions %d)", self.specextend_planner.window, draft_max)
-        if settings.retrieval:
-            self.specextend_retrieval = CrossModelRetrieval(
-                settings, spec.num_speculative_tokens, block_size,
-                install_final_layer_capture(target_model))
-            logger.info("SpecExtend: the target's last layer scores chunks every %d steps",
-                        settings.refresh_every)
-        if settings.tree:
-            self.specextend_tree_drafter = TreeDrafter(
-                self, self.specextend_planner, mirrors, settings, block_size)
+        if settings is not None:
+            replace_on_instance(self, "specextend",
+                                SpecExtendDrafting(self, target_model, settings),
+                                "SpecExtend's state beside the proposer", adding=True)
 
     return load_model
 
 
 def wrap_input_fits_in_drafter(original):
     """vLLM skips drafting for a whole batch when one request is longer than
-    the draft's positions; with compact positions the draft takes any length."""
+    the draft's positions; SpecExtend's draft takes any length."""
 
     @functools.wraps(original)
     def input_fits_in_drafter(self, common_attn_metadata):
-        settings = getattr(self, "specextend_config", None)
-        if settings is not None and (settings.retrieval or settings.tree):
+        if getattr(self, "specextend_config", None) is not None:
             return common_attn_metadata is not None
         return original(self, common_attn_metadata)
 
     return input_fits_in_drafter
 
 
-def wrap_proposer_propose(original):
-    """Before each drafting round: refresh scores when due and hand the
-    batch's working sets to the draft's row planner; in tree mode, draft
-    trees instead of chains."""
-    import inspect
+def wrap_build_attn_metadata(original):
+    """Draft forwards of a round with working caches get SpecExtend's plan."""
 
+    @functools.wraps(original)
+    def build_per_group_and_layer_attn_metadata(self, common_attn_metadata, draft_index=0):
+        drafting = getattr(self, "specextend", None)
+        if drafting is None or drafting.round is None or not drafting.round.uses_working_caches:
+            return original(self, common_attn_metadata, draft_index)
+        return drafting.plan_forward(self, common_attn_metadata, draft_index)
+
+    return build_per_group_and_layer_attn_metadata
+
+
+def wrap_proposer_propose(original):
+    """Run SpecExtend's step before each drafting round; in tree mode, draft
+    trees instead of chains."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def propose(self, *args, **kwargs):
-        retrieval = getattr(self, "specextend_retrieval", None)
-        tree_drafter = getattr(self, "specextend_tree_drafter", None)
-        if retrieval is None and tree_drafter is None:
+        drafting = getattr(self, "specextend", None)
+        if drafting is None:
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         metadata = bound["common_attn_metadata"]
         query_indices = bound.get("token_indices_to_sample")
         if query_indices is None:  # no drafts were verified: the last token
             query_indices = metadata.query_start_loc[1:] - 1
-        req_ids = self.specextend_runner.input_batch.req_ids[: metadata.num_reqs]
-        if retrieval is not None:
-            self.specextend_planner.working_sets = retrieval.before_drafting(
-                req_ids, query_indices.long(), bound["target_positions"],
-                metadata.block_table_tensor, metadata.max_seq_len)
+        drafting.before_drafting(metadata, query_indices.long(), bound["target_positions"])
         try:
-            if tree_drafter is None:
+            if drafting.tree_drafter is None:
                 return original(self, *args, **kwargs)
-            return tree_drafter.propose(
-                req_ids, bound["target_token_ids"], bound["target_positions"],
-                bound["next_token_ids"], query_indices, metadata,
-                bound.get("num_rejected_tokens_gpu"))
+            return drafting.tree_drafter.propose(
+                drafting.runner.input_batch.req_ids[: metadata.num_reqs], drafting.round,
+                bound["target_token_ids"], bound["target_positions"], bound["next_token_ids"],
+                query_indices, metadata, bound.get("num_rejected_tokens_gpu"))
         finally:
-            self.specextend_planner.working_sets = None
+            drafting.end_round()
 
     return propose

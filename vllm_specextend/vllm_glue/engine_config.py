@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from vllm_specextend.config import (
@@ -19,6 +21,7 @@ from vllm_specextend.config import (
     METHOD_NAME,
     SpecExtendConfig,
     SpecExtendConfigError,
+    WorkingCacheGeometry,
     split_speculative_config,
 )
 
@@ -85,12 +88,35 @@ def _is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def shipped_max_positions(draft_model_config) -> int:
+    """The draft's max_position_embeddings as its config file ships it (vLLM
+    raises an EAGLE head's in memory to the target's length)."""
+    config_file = Path(draft_model_config.model) / "config.json"
+    if config_file.is_file():
+        shipped = json.loads(config_file.read_text()).get("max_position_embeddings")
+        if shipped:
+            return int(shipped)
+    return draft_model_config.hf_config.max_position_embeddings
+
+
+def geometry_of(settings: SpecExtendConfig, vllm_config: Any) -> WorkingCacheGeometry:
+    spec = vllm_config.speculative_config
+    return settings.geometry(draft_max_positions=shipped_max_positions(spec.draft_model_config),
+                             num_speculative_tokens=spec.num_speculative_tokens)
+
+
 def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
     spec = vllm_config.speculative_config
     draft_hf = spec.draft_model_config.hf_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype != "auto":
+        raise SpecExtendConfigError(
+            f"kv_cache_dtype={cache_dtype}: SpecExtend reads the draft's and the target's "
+            f"keys back from vLLM's cache and needs them in the model's dtype; leave "
+            f"kv_cache_dtype at 'auto'")
     settings.check_fits_engine(
         block_size=vllm_config.cache_config.block_size,
-        draft_max_positions=draft_hf.max_position_embeddings,
+        draft_max_positions=shipped_max_positions(spec.draft_model_config),
         num_speculative_tokens=spec.num_speculative_tokens,
         draft_model_type=draft_hf.model_type,
     )
@@ -119,7 +145,7 @@ def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
         "SpecExtend settings (%s): %s draft=%s num_speculative_tokens=%d "
         "block_size=%d",
         where,
-        settings.summary(spec.num_speculative_tokens),
+        settings.summary(geometry_of(settings, vllm_config)),
         spec.draft_model_config.model,
         spec.num_speculative_tokens,
         vllm_config.cache_config.block_size,

@@ -1,8 +1,11 @@
 """One visible registry of every change vllm-specextend makes to vLLM.
 
-Each patch names its target (module, class, attribute) and its replacement.
-Applying is idempotent per process, refuses to patch one attribute twice, and
-logs each replacement once, so a vLLM upgrade shows its breakage here.
+Class patches name their target (module, class, attribute) and their
+replacement; applying them is idempotent per process, refuses to patch one
+attribute twice, and logs each replacement once, so a vLLM upgrade shows its
+breakage here. Changes to objects vLLM builds (a layer's attention, its
+rotary table) go through `replace_on_instance`, which records them here
+too: `applied_patches()` lists both.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Patch:
 
 # (module, qualname) -> original attribute, for every patch applied here.
 _applied: dict[tuple[str, str], Any] = {}
+# (class qualname, attribute) -> (why, instances changed), in this process.
+_instance_changes: dict[tuple[str, str], tuple[str, int]] = {}
 
 
 def apply_patches(patches: list[Patch]) -> None:
@@ -52,8 +57,27 @@ def apply_patches(patches: list[Patch]) -> None:
         logger.debug("patched %s.%s: %s", patch.module, patch.qualname, patch.why)
 
 
+def replace_on_instance(obj: Any, attribute: str, value: Any, why: str,
+                        adding: bool = False) -> None:
+    """Set an attribute of one object vLLM built (a new one with `adding`),
+    and record it."""
+    if not adding and not hasattr(obj, attribute):
+        raise RuntimeError(f"vllm-specextend cannot replace {type(obj).__qualname__}."
+                           f"{attribute}: it does not exist in this vLLM version")
+    setattr(obj, attribute, value)
+    key = (type(obj).__qualname__, attribute)
+    _, count = _instance_changes.get(key, (why, 0))
+    if count == 0:
+        logger.debug("replacing %s.%s on instances: %s", *key, why)
+    _instance_changes[key] = (why, count + 1)
+
+
 def applied_patches() -> list[str]:
-    return [f"{module}.{qualname}" for module, qualname in _applied]
+    """Every class patch applied in this process, then every kind of
+    instance change with how many objects it touched."""
+    return [f"{module}.{qualname}" for module, qualname in _applied] + [
+        f"{owner}.{attribute} on {count} instance(s): {why}"
+        for (owner, attribute), (why, count) in _instance_changes.items()]
 
 
 def original_of(module: str, qualname: str) -> Any:

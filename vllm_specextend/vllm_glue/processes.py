@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 from vllm_specextend.vllm_glue.engine_config import log_settings
+from vllm_specextend.vllm_glue.patching import replace_on_instance
 
 
 def wrap_init_with_settings(where: str):
@@ -29,8 +30,9 @@ def wrap_init_with_settings(where: str):
             original(self, *args, **kwargs)
             self.specextend_config = settings
             if self.specextend_config is not None and hasattr(self, "drafter"):
-                # CMR reads the batch's request order from the runner.
-                self.drafter.specextend_runner = self
+                # SpecExtend's drafting reads the batch from the runner.
+                replace_on_instance(self.drafter, "specextend_runner", self,
+                                    "the proposer's way back to its model runner", adding=True)
 
         return __init__
 

@@ -7,8 +7,8 @@ overwritten: prefix part + tree part + LSE merge. In tree mode those are
 the rows the runner planned (`tree_step.TREE_STATE.scheduled`), whatever
 their prefix; with chains, rows with 1 < query_len <= k + 1 over a cached
 prefix of at least `hybrid_tree_attention_min_len` tokens, the drafts as a
-path-shaped tree. HTA reads a plain K/V mirror because vLLM's CPU cache
-keeps keys packed per block.
+path-shaped tree. HTA reads vLLM's own (packed) cache through
+`kv_cache_reader`; the plugin keeps no copy of it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from vllm_specextend.attention.hybrid_tree_attention import (
     ancestor_bitmasks,
     hybrid_tree_attention_cpu,
 )
-from vllm_specextend.tree.compaction import apply_moves
 from vllm_specextend.vllm_glue.engine_config import settings_of
-from vllm_specextend.vllm_glue.kv_mirror import KVMirror
+from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
 
 logger = logging.getLogger("vllm.specextend")
@@ -45,27 +44,21 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         self.verifies_chains = settings.hybrid_tree_attention and not settings.tree
         self.max_nodes = speculative.num_speculative_tokens + 1
         self.block_size = vllm_config.cache_config.block_size
-        self.kv = KVMirror()
-        # Off for draft layers that keep their own plain K/V (compact attention).
-        self.mirror_kv = True
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if not self.mirror_kv or self.attn_type != AttentionType.DECODER:
-            return
-        num_tokens = min(slot_mapping.shape[0], key.shape[0])
-        self.kv.write(kv_cache, key, value, slot_mapping, num_tokens)
+        self.reader = reader_for(self, self.block_size, vllm_config.model_config.dtype,
+                                 vllm_config.cache_config.cache_dtype)
+        # Off for the draft's layers: only the target verifies.
+        self.verifies = self.attn_type == AttentionType.DECODER
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  *args, **kwargs)
-        if attn_metadata is None or attn_metadata.max_query_len <= 1 or self.kv.keys is None:
+        if not self.verifies or attn_metadata is None or attn_metadata.max_query_len <= 1:
             return output
         trees = TREE_STATE.scheduled
         if trees is None and self.verifies_chains:
             trees = self._chain_rows(attn_metadata)
         if trees is not None:
-            self._verify_with_hta(trees, query, attn_metadata.block_table, output)
+            self._verify_with_hta(trees, query, kv_cache, attn_metadata.block_table, output)
         return output
 
     def _chain_rows(self, attn_metadata) -> ScheduledTrees | None:
@@ -88,11 +81,11 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             tree_start_loc=tree_start_loc,
             ancestor_masks=ancestor_bitmasks(parents, tree_start_loc))
 
-    def _verify_with_hta(self, trees: ScheduledTrees, query, block_table, output):
+    def _verify_with_hta(self, trees: ScheduledTrees, query, kv_cache, block_table, output):
         out = hybrid_tree_attention_cpu(
-            query[trees.tokens], self.kv.keys, self.kv.values, block_table[trees.rows],
-            trees.prefix_lens, trees.tree_start_loc, trees.ancestor_masks, self.block_size,
-            scale=self.scale)
+            query[trees.tokens], lambda slots: self.reader.read(kv_cache, slots),
+            block_table[trees.rows], trees.prefix_lens, trees.tree_start_loc,
+            trees.ancestor_masks, self.block_size, scale=self.scale)
         heads = output.view(output.shape[0], self.num_heads, self.head_size)
         heads[trees.tokens] = out.to(output.dtype)
         if not HybridTreeCPUAttentionImpl.logged_first_rows:
@@ -104,14 +97,12 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
     def compact(self, layer, kv_cache: torch.Tensor, source: torch.Tensor,
                 destination: torch.Tensor) -> None:
         """After tree acceptance: move the accepted nodes' K/V to the slots a
-        chain of them would use (`tree.compaction` plans the moves), in the
-        mirror and in vLLM's cache. The cache's packed layout depends on the
-        CPU's ISA, so the moved rows are written again through vLLM's own
-        cache write rather than moved in place."""
-        apply_moves(self.kv.keys, source, destination)
-        apply_moves(self.kv.values, source, destination)
-        super().do_kv_cache_update(layer, self.kv.keys[destination],
-                                   self.kv.values[destination], kv_cache, destination)
+        chain of them would use (`tree.compaction` plans the moves: no move
+        reads a slot an earlier one writes). The cache's packed layout depends
+        on the CPU's ISA, so the moved rows are read back and written again
+        through vLLM's own cache write."""
+        keys, values = self.reader.read(kv_cache, source)
+        self.do_kv_cache_update(layer, keys, values, kv_cache, destination)
 
 
 class HybridTreeCPUAttentionBackend(CPUAttentionBackend):

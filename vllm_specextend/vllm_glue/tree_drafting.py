@@ -3,11 +3,12 @@ draft-model proposer (V1 runner).
 
 The first pass is vLLM's own: the verified tokens (the accepted path moved
 to the front by the runner) and the bonus token, the root of the next tree,
-written at their true slots. Then one draft forward per tree layer: the
-newest layer's nodes attend to their request's context (the root's row of
-the first pass: working set or window, ending with the root) and to their
-path, at compact positions (`draft_tree_attention`); their keys and values
-go to scratch rows of each layer's mirror, never to vLLM's cache.
+written at their true slots (and, for rows with one, in their working
+cache). Then one draft forward per tree layer: the newest layer's nodes, at
+the root's position plus their depth, attend to what the root attended to
+(its working cache, or its window of vLLM's cache) and to their path
+(`draft_tree_attention`); their keys and values go to scratch rows
+allocated with the models, never to vLLM's cache.
 """
 
 from __future__ import annotations
@@ -20,60 +21,96 @@ from vllm.forward_context import set_forward_context
 
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.paged_cache import slots_of
-from vllm_specextend.retrieval.draft_rows import DraftRows
 from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, child_paths
-from vllm_specextend.vllm_glue.kv_mirror import KVMirror
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ProposedTree
 
 logger = logging.getLogger("vllm.specextend")
 
 
+class TreeContext:
+    """What each root attended to in the first pass: the last `main_window`
+    positions of vLLM's cache up to the root, or the root's working cache up
+    to it. Read per draft layer (`read`), once per tree-layer forward."""
+
+    def __init__(self, layers: dict[str, object], reader, round_, block_table: torch.Tensor,
+                 root_positions: torch.Tensor, main_window: int, block_size: int):
+        self.layers, self.reader = layers, reader
+        batch, device = len(root_positions), root_positions.device
+        capacity = round_.caches.geometry.capacity if round_ is not None else 0
+        self.width = max(main_window, capacity)
+        column = torch.arange(self.width, device=device)
+        self.lens = torch.clamp(root_positions + 1, max=main_window)
+        first = (root_positions + 1 - self.lens)[:, None]
+        self.main_slots = slots_of(block_table, (first + column).clamp(min=0), block_size)
+        self.row_offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        self.groups = [(None, torch.arange(batch, device=device), self.main_slots)]
+        if round_ is not None and round_.uses_working_caches:
+            rows = round_.compact_rows_device
+            self.lens[rows] = root_positions[rows] - round_.compact_offsets + 1
+            self.row_offsets[rows] = round_.compact_offsets
+            self.groups = [(None, round_.main_rows_device, self.main_slots),
+                           (round_.caches, rows, round_.compact_bases[:, None] + column)]
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `name`'s context keys and values [batch, width, heads, dim]."""
+        layer = self.layers[name]
+        keys = values = None
+        for caches, rows, slots in self.groups:
+            cache = layer.kv_cache if caches is None else caches.cache_of(name, layer.kv_cache)
+            part_keys, part_values = self.reader.read(cache, slots[rows].flatten()
+                                                      if caches is None else slots.flatten())
+            if keys is None:
+                shape = (len(self.lens), self.width, *part_keys.shape[1:])
+                keys, values = part_keys.new_empty(shape), part_values.new_empty(shape)
+            keys[rows] = part_keys.view(len(rows), self.width, *part_keys.shape[1:])
+            values[rows] = part_values.view(len(rows), self.width, *part_values.shape[1:])
+        return keys, values
+
+
 @dataclass
 class DraftTreeLayer:
     """Attention metadata of one tree-layer forward of the draft, read by
-    `CompactDraftAttention` in place of vLLM's."""
+    `DraftAttention` in place of vLLM's."""
 
     num_actual_tokens: int
-    node_slots: torch.Tensor  # [tokens] scratch rows for the nodes' keys/values
-    context_slots: torch.Tensor  # [batch, max_context] the root's context, in order
-    context_lens: torch.Tensor  # [batch]
+    node_offsets: torch.Tensor  # [tokens] true minus attention position
+    node_rows: torch.Tensor  # [tokens] scratch rows of the nodes' keys/values
+    context: TreeContext
     query_start_loc: torch.Tensor  # [batch + 1]
-    path_slots: torch.Tensor  # [tokens, depth] depth 1 .. the node
+    path_rows: torch.Tensor  # [tokens, depth] scratch rows of depth 1 .. the node
     path_lens: torch.Tensor  # [tokens]
 
+    @property
+    def context_lens(self) -> torch.Tensor:
+        return self.context.lens
 
-def root_context(rows: DraftRows, root_indices: torch.Tensor,
-                 block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys each root token attends to in the first pass, as slots in
-    position order ending with the root, and their count [batch]."""
-    row_ends = rows.query_start_loc[1:].long()
-    root_rows = torch.searchsorted(row_ends, root_indices.long(), right=True)
-    # Keys after the root in its row belong to later queries of the row.
-    later = row_ends[root_rows] - 1 - root_indices.long()
-    context_lens = rows.num_keys[root_rows].long() - later
-    slots = slots_of(rows.block_tables[root_rows], rows.key_positions[root_rows], block_size)
-    return slots, context_lens
+    def context_of(self, name: str):
+        return self.context.read(name)
 
 
 class TreeDrafter:
-    def __init__(self, proposer, planner, mirrors: list[KVMirror], settings: SpecExtendConfig,
-                 block_size: int):
+    def __init__(self, proposer, layers: dict[str, object], reader,
+                 settings: SpecExtendConfig, main_window: int, block_size: int):
         self.proposer = proposer
-        self.planner = planner
-        self.mirrors = mirrors
+        self.layers = layers
+        self.reader = reader
         self.nodes = settings.tree_nodes
         self.max_depth = settings.tree_max_depth
         self.threshold = settings.tree_threshold
+        self.main_window = main_window
         self.block_size = block_size
         self.trees_drafted = 0
 
-    def propose(self, req_ids: list[str], target_token_ids, target_positions, next_token_ids,
-                token_indices_to_sample, common_attn_metadata,
+    def propose(self, req_ids: list[str], round_, target_token_ids, target_positions,
+                next_token_ids, token_indices_to_sample, common_attn_metadata,
                 num_rejected_tokens_gpu) -> list[list[int]]:
-        root_hidden, rows, root_indices, layer_names = self._first_pass(
+        root_hidden, root_indices, cad = self._first_pass(
             target_token_ids, target_positions, next_token_ids, token_indices_to_sample,
             common_attn_metadata, num_rejected_tokens_gpu)
-        tree = self._grow(root_hidden, rows, root_indices, layer_names)
+        root_positions = self.proposer.positions[root_indices].long()
+        context = TreeContext(self.layers, self.reader, round_, cad.block_table_tensor,
+                              root_positions, self.main_window, self.block_size)
+        tree = self._grow(root_hidden, root_positions, context)
         num_nodes = tree.num_nodes.tolist()
         TREE_STATE.proposed = {
             req_id: ProposedTree(tree.depths[row, :count], tree.parents[row, :count])
@@ -98,41 +135,37 @@ class TreeDrafter:
                                  slot_mapping=proposer._get_slot_mapping(num_tokens,
                                                                          cad.slot_mapping)):
             hidden = proposer.model(**model_kwargs)
-        rows = self.planner.rows_for(next(iter(per_layer.values())))
-        return hidden[root_indices], rows, root_indices, list(per_layer)
+        return hidden[root_indices], root_indices, cad
 
     def _draft_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proposer.model.compute_logits(hidden).float().softmax(dim=-1)
 
-    def _grow(self, root_hidden, rows: DraftRows, root_indices, layer_names) -> DraftTree:
+    def _grow(self, root_hidden, root_positions, context: TreeContext) -> DraftTree:
         batch, nodes, device = root_hidden.shape[0], self.nodes, root_hidden.device
-        context_slots, context_lens = root_context(rows, root_indices, self.block_size)
-        scratch = [mirror.reserve_scratch(batch * self.max_depth * nodes)
-                   for mirror in self.mirrors]
-        # Every draft layer has vLLM's cache shape, so one scratch base.
-        assert len(set(scratch)) == 1
         # Scratch row of (request, depth, node): one block of `nodes` per layer.
-        request_base = scratch[0] + torch.arange(batch, device=device)[:, None] * (
-            self.max_depth * nodes)
+        request_base = torch.arange(batch, device=device)[:, None] * (self.max_depth * nodes)
+        # vLLM's rotary kernel reads positions as a dense array.
+        node_offsets = context.row_offsets[:, None].expand(-1, nodes).contiguous().flatten()
         builder = DynamicTreeBuilder(batch, nodes, self.max_depth, self.threshold, device)
         tokens = builder.add_layer(self._draft_probs(root_hidden)[:, None, :])
         paths = torch.empty(batch, 1, 0, dtype=torch.long, device=device)
         query_start_loc = torch.arange(batch + 1, device=device, dtype=torch.int32) * nodes
+        layer_names = list(self.layers)
         while not builder.done():
             depth = builder.depth
-            node_slots = request_base + (depth - 1) * nodes + torch.arange(nodes, device=device)
-            paths = child_paths(paths, builder.frontier_parents, node_slots)
+            node_rows = request_base + (depth - 1) * nodes + torch.arange(nodes, device=device)
+            paths = child_paths(paths, builder.frontier_parents, node_rows)
             layer = DraftTreeLayer(
-                num_actual_tokens=batch * nodes, node_slots=node_slots.flatten(),
-                context_slots=context_slots, context_lens=context_lens,
-                query_start_loc=query_start_loc, path_slots=paths.flatten(0, 1),
+                num_actual_tokens=batch * nodes, node_offsets=node_offsets,
+                node_rows=node_rows.flatten(), context=context,
+                query_start_loc=query_start_loc, path_rows=paths.flatten(0, 1),
                 path_lens=torch.full((batch * nodes,), depth, device=device))
+            positions = (root_positions + depth)[:, None].expand(-1, nodes).contiguous().flatten()
             with set_forward_context(dict.fromkeys(layer_names, layer),
                                      self.proposer.vllm_config, num_tokens=batch * nodes,
                                      slot_mapping={}):
-                # Draft RoPE happens inside attention: positions are unused.
-                hidden = self.proposer.model(
-                    input_ids=tokens.flatten().int(), inputs_embeds=None,
-                    positions=torch.zeros(batch * nodes, dtype=torch.long, device=device))
+                hidden = self.proposer.model(input_ids=tokens.flatten().int(),
+                                             inputs_embeds=None, positions=positions)
             tokens = builder.add_layer(self._draft_probs(hidden).view(batch, nodes, -1))
         return builder.finish()
+

@@ -132,12 +132,12 @@ def scheduled_drafts(spec_decode_metadata, parents: torch.Tensor | None = None,
 
 
 def _target_layers(runner):
-    """(layer, impl) of every target attention layer the HTA backend mirrors."""
+    """(layer, impl) of every target attention layer the HTA backend verifies with."""
     from vllm_specextend.vllm_glue.tree_attention_backend import HybridTreeCPUAttentionImpl
 
     for layer in runner.compilation_config.static_forward_context.values():
         impl = getattr(layer, "impl", None)
-        if isinstance(impl, HybridTreeCPUAttentionImpl) and impl.mirror_kv:
+        if isinstance(impl, HybridTreeCPUAttentionImpl) and impl.verifies:
             yield layer, impl
 
 

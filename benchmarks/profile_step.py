@@ -1,0 +1,169 @@
+"""Where one decoding step's time goes, on one long request: the scheduler,
+the target's forward (verification), the sampler, the drafting round (each
+draft forward, the CMR refresh, the plugin's glue around them) and the
+rest of the engine step.
+
+    python benchmarks/profile_step.py --pair qwen-coder \
+        --inputs benchmarks/data/govreport/govreport_4K.jsonl \
+        --methods draft_model specextend "specextend[draft_window=2048]" \
+        --out benchmarks/results/profile_step_qwen_cpu.json
+
+Each method runs in its own process, with vLLM in that one process (no
+engine-core or worker subprocesses), so the timers wrap vLLM's own
+functions directly: `Scheduler.schedule`, `GPUModelRunner._model_forward`
+(the target), `GPUModelRunner._sample`, the proposer's `propose` (the whole
+drafting round) and its draft model's forward calls, and the plugin's
+refresh (`SpecExtendDrafting._refresh`; `CrossModelRetrieval.refresh` in
+the code before the working cache). "plugin glue" is the drafting round
+less its draft forwards and refreshes. Steps are averaged over the decode
+steps (the prefill step is left out). PYTHONPATH can point at another
+checkout of the plugin to profile it the same way ("before").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from long_input import load_samples, speculative_config
+from machine import machine
+
+PARTS = ("scheduler", "target forward", "sampler", "draft forwards", "refresh",
+         "plugin glue", "other")
+
+
+def timed(owner, name: str, part: str, totals: dict, counts: dict):
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[part] += time.perf_counter() - start
+            counts[part] += 1
+
+    setattr(owner, name, wrapper)
+
+
+def profile(job: dict) -> dict:
+    """Runs in a fresh process: one engine, one request, per-part seconds."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_cache_gib"]))
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
+    from vllm import LLM, SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    totals, counts = collections.Counter(), collections.Counter()
+    timed(Scheduler, "schedule", "scheduler", totals, counts)
+    timed(GPUModelRunner, "_model_forward", "target forward", totals, counts)
+    timed(GPUModelRunner, "_sample", "sampler", totals, counts)
+    timed(LLMEngine, "step", "step", totals, counts)
+    try:  # the plugin's refresh, in this checkout or the one before it
+        from vllm_specextend.vllm_glue.draft_model import SpecExtendDrafting
+        timed(SpecExtendDrafting, "_refresh", "refresh", totals, counts)
+    except ImportError:
+        from vllm_specextend.vllm_glue.cross_model_retrieval import CrossModelRetrieval
+        timed(CrossModelRetrieval, "refresh", "refresh", totals, counts)
+    load_model = SpecDecodeBaseProposer.load_model
+
+    def load_and_time(self, *args, **kwargs):
+        load_model(self, *args, **kwargs)
+        timed(self.model, "forward", "draft forwards", totals, counts)
+
+    SpecDecodeBaseProposer.load_model = load_and_time
+    llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
+              max_model_len=job["max_model_len"], dtype=job["dtype"],
+              gpu_memory_utilization=0.1, enable_prefix_caching=False, enforce_eager=True,
+              seed=0, max_num_seqs=4, distributed_executor_backend="uni")
+    # The proposer's propose is patched by the plugin at load: time it after.
+    timed(SpecDecodeBaseProposer, "propose", "drafting round", totals, counts)
+    tokenizer = llm.get_tokenizer()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": job["text"]}],
+                                         tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    llm.generate([text], params, use_tqdm=False)  # prefill alone, to subtract
+    prefill = dict(totals), dict(counts)
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
+    [output] = llm.generate([text], params, use_tqdm=False)
+    decode = {part: totals[part] - 2 * prefill[0].get(part, 0) for part in totals}
+    steps = counts["step"] - 2 * prefill[1].get("step", 0)
+    per_step = {part: 1e3 * seconds / steps for part, seconds in decode.items()}
+    drafting = per_step.pop("drafting round", 0.0)
+    per_step["plugin glue"] = drafting - per_step.get("draft forwards", 0.0) - per_step.get(
+        "refresh", 0.0)
+    step = per_step.pop("step")
+    per_step["other"] = step - sum(per_step.values())
+    return {"prompt_tokens": len(output.prompt_token_ids), "decode_steps": steps,
+            "step_ms": step, "ms_per_step": {part: per_step.get(part, 0.0) for part in PARTS},
+            "new_tokens": len(output.outputs[0].token_ids)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", choices=["tiny", "qwen-coder"], default="tiny")
+    parser.add_argument("--inputs", nargs="+", required=True)
+    parser.add_argument("--methods", nargs="+", default=["draft_model", "specextend"])
+    parser.add_argument("--label", default="", help="e.g. 'before': kept with each row")
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(Path(args.worker).read_text())
+        print("PROFILE " + json.dumps(profile(job)), flush=True)
+        return
+    if args.pair == "tiny":
+        from vllm_specextend.models.tiny import build_tiny_pair
+
+        pair = build_tiny_pair()
+    else:
+        from vllm_specextend.models.qwen_coder import prepare_pair
+
+        pair = prepare_pair()
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for path in args.inputs:
+        [text] = load_samples(path, 1)
+        for method in args.methods:
+            job = {"target": pair.target, "text": text, "dtype": args.dtype,
+                   "speculative_config": speculative_config(method, pair.draft,
+                                                            args.num_speculative_tokens),
+                   "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib,
+                   "max_new_tokens": args.max_new_tokens}
+            job_path = out.with_suffix(".job.json")
+            job_path.write_text(json.dumps(job))
+            run = subprocess.run([sys.executable, __file__, "--inputs", "-", "--out", str(out),
+                                  "--worker", str(job_path)], capture_output=True, text=True)
+            job_path.unlink()
+            lines = [line for line in run.stdout.splitlines() if line.startswith("PROFILE ")]
+            if run.returncode != 0 or not lines:
+                raise SystemExit(f"{method} failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+            row = {"input": Path(path).name, "method": method, "label": args.label,
+                   **json.loads(lines[0][len("PROFILE "):])}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "dtype": args.dtype,
+                               "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
+                                                                  "auto"),
+                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Working caches inside vLLM: cache blocks kept for drafting, per draft layer.
+
+Each draft layer gets cache blocks of its own shape and layout, allocated
+while the models load (so vLLM's memory profiling counts them) and viewed
+like the layer's own cache once vLLM has laid that out: one run of blocks
+per working cache, a request holding one while its context is past
+`retrieval_min_len`. A refresh lays the request's working set out
+there at compact positions, keys rotated for them (`fill`); between
+refreshes the draft's own forwards append at the next compact positions.
+
+A draft forward then runs vLLM's own attention twice at most, each over a
+sub-batch with metadata built once per forward by the draft's builder:
+rows without a working cache over vLLM's cache (true positions, a sliding
+window of `main_window`), rows with one over their working cache (a
+remapped block table, compact sequence lengths and slots, queries rotated
+to compact positions). Which rows hold a cache is decided on the host, from
+lengths vLLM keeps on the host; every tensor shape follows from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.utils import CpuGpuBuffer
+
+from vllm_specextend.config import WorkingCacheGeometry
+from vllm_specextend.paged_cache import slots_of
+from vllm_specextend.retrieval.working_cache import WorkingCacheLayout
+from vllm_specextend.vllm_glue.rotation import move_back_
+
+logger = logging.getLogger("vllm.specextend")
+NO_CACHE = -1
+
+
+class WorkingCaches:
+    """The draft layers' working caches and which request holds which."""
+
+    def __init__(self, layers: dict[str, object], geometry: WorkingCacheGeometry,
+                 num_caches: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.geometry = geometry
+        self.num_caches = num_caches
+        self.block_size = block_size
+        self.blocks_per_cache = -(-geometry.capacity // block_size)
+        self.num_blocks = num_blocks = num_caches * self.blocks_per_cache
+        self.dtype = dtype
+        self.storage = {
+            name: torch.zeros(num_blocks * layer.num_kv_heads * block_size
+                              * (layer.head_size + layer.head_size_v), dtype=dtype, device=device)
+            for name, layer in layers.items()}
+        self._views: dict[str, torch.Tensor] = {}
+        self.block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(
+            num_caches, self.blocks_per_cache)
+        # Per cache: true minus compact position of its window and later tokens.
+        self.offsets = torch.zeros(num_caches, dtype=torch.long, device=device)
+        self.holder: dict[str, int] = {}  # request id -> cache index
+        # Per cache: the request's computed tokens when it was filled (fewer
+        # later: vLLM recomputed the request, preempted and resumed), and the
+        # drafting round it was filled in.
+        self.filled_at = np.zeros(num_caches, dtype=np.int64)
+        self.filled_round = np.zeros(num_caches, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    def cache_of(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Layer `name`'s working caches, viewed with the shape per block and
+        the dimension order of its vLLM cache `like`."""
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = _dense_view_like(self.storage[name], like,
+                                                        self.num_blocks)
+        return view
+
+    def slot_base(self, caches: torch.Tensor) -> torch.Tensor:
+        return caches.long() * (self.blocks_per_cache * self.block_size)
+
+    def keep_holders(self, req_ids: list[str], computed: np.ndarray) -> None:
+        """Free the caches of requests that left the batch or restarted."""
+        present = dict(zip(req_ids, computed))
+        for req_id, cache in list(self.holder.items()):
+            if req_id not in present or present[req_id] < self.filled_at[cache]:
+                del self.holder[req_id]
+
+    def due_rows(self, req_ids: list[str], eligible: np.ndarray, computed: np.ndarray,
+                 round_index: int, refresh_every: int) -> np.ndarray:
+        """Rows whose cache is (re)filled this round: eligible requests that
+        just got a cache, and holders filled `refresh_every` rounds ago.
+        Requests beyond the caches keep their sliding window."""
+        free = sorted(set(range(self.num_caches)) - set(self.holder.values()))
+        due = []
+        for row in np.flatnonzero(eligible):
+            cache = self.holder.get(req_ids[row])
+            if cache is None:
+                if not free:
+                    continue
+                cache = self.holder[req_ids[row]] = free.pop(0)
+            elif round_index - self.filled_round[cache] < refresh_every:
+                continue
+            self.filled_at[cache], self.filled_round[cache] = computed[row], round_index
+            due.append(row)
+        return np.array(due, dtype=np.int64)
+
+    def caches_of(self, req_ids: list[str]) -> np.ndarray:
+        return np.array([self.holder.get(req_id, NO_CACHE) for req_id in req_ids],
+                        dtype=np.int64)
+
+    def fill(self, layers: dict[str, object], reader, main_block_table: torch.Tensor,
+             caches: torch.Tensor, layout: WorkingCacheLayout, backward: torch.Tensor) -> None:
+        """Lay each row's working set out at compact positions in its cache
+        (`caches` [rows]), from every draft layer's K/V in vLLM's cache: a
+        key moves back from its true position to its compact one (never
+        forward: a kept token's compact position is at most its true one)."""
+        capacity = self.geometry.capacity
+        compact = torch.arange(capacity, device=caches.device)
+        used = compact[None, :] < layout.lengths[:, None]
+        sources = slots_of(main_block_table, layout.source_positions, self.block_size).flatten()
+        destinations = torch.where(used, self.slot_base(caches)[:, None] + compact,
+                                   NO_CACHE).flatten()
+        # Padding columns (not written) move by 0, inside the table.
+        amount = torch.where(used, layout.source_positions - compact, 0).flatten()
+        self.offsets[caches] = layout.offsets
+        for name, layer in layers.items():
+            keys, values = reader.read(layer.kv_cache, sources)
+            move_back_(amount, backward, keys)
+            layer.impl.do_kv_cache_update(layer, keys, values,
+                                          self.cache_of(name, layer.kv_cache), destinations)
+
+
+def _dense_view_like(storage: torch.Tensor, like: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`storage` as a dense [num_blocks, *like.shape[1:]] cache whose
+    dimensions are laid out in `like`'s order (outermost: largest stride)."""
+    shape = (num_blocks, *like.shape[1:])
+    if storage.numel() != num_blocks * like[0].numel():
+        raise ValueError(f"working cache blocks of {storage.numel() // num_blocks} elements "
+                         f"cannot hold vLLM's blocks of shape {tuple(like.shape[1:])}")
+    order = sorted(range(len(shape)), key=lambda dim: (like.stride(dim), dim == 0))
+    strides = [0] * len(shape)
+    step = 1
+    for dim in order:
+        strides[dim] = step
+        step *= shape[dim]
+    return torch.as_strided(storage, shape, strides)
+
+
+@dataclass
+class DraftStepPlan:
+    """Attention metadata of one draft forward with working caches, shared by
+    every draft layer (in place of vLLM's, in the forward context)."""
+
+    num_actual_tokens: int
+    main: object | None  # vLLM's metadata for rows on vLLM's cache
+    main_tokens: torch.Tensor  # their token indices
+    compact: object  # vLLM's metadata for rows on their working caches
+    compact_tokens: torch.Tensor
+    compact_slots: torch.Tensor  # working-cache slot of each compact token (-1: none)
+    # True minus compact position of each compact token; None when the
+    # tokens are at their compact positions already (draft steps).
+    compact_offsets: torch.Tensor | None
+
+
+@dataclass
+class _Split:
+    """Which tokens of a forward belong to which rows (a first pass or a
+    draft step), on device."""
+
+    query_lens: np.ndarray
+    num_tokens: int
+    compact_tokens: torch.Tensor
+    compact_token_rows: torch.Tensor  # index into the round's compact rows
+    compact_query_start_loc: torch.Tensor
+    main_tokens: torch.Tensor
+    main_query_start_loc: torch.Tensor
+
+
+class DraftRound:
+    """One drafting round (a first pass and the following draft steps): which
+    rows draft over working caches, and the index tensors every forward of
+    the round reuses, copied to the device once."""
+
+    def __init__(self, caches: WorkingCaches, cache_of_row: np.ndarray,
+                 first_pass_query_lens: np.ndarray, staging: "HostStaging"):
+        self.caches = caches
+        self.compact_rows = np.flatnonzero(cache_of_row != NO_CACHE)
+        self.main_rows = np.flatnonzero(cache_of_row == NO_CACHE)
+        self.staging = staging
+        self.cache_ids = staging.to_device("caches", cache_of_row[self.compact_rows])
+        self.compact_rows_device = staging.to_device("compact_rows", self.compact_rows)
+        self.main_rows_device = staging.to_device("main_rows", self.main_rows)
+        self.compact_bases = caches.slot_base(self.cache_ids)
+        self.compact_block_table = caches.block_table[self.cache_ids]
+        self.read_offsets()
+        self.first_pass = self._split("first", first_pass_query_lens)
+        self.steps = self._split("step", np.ones(len(cache_of_row), dtype=np.int64))
+
+    @property
+    def uses_working_caches(self) -> bool:
+        return len(self.compact_rows) > 0
+
+    def read_offsets(self) -> None:
+        """The rows' offsets, as the last refresh of their caches set them."""
+        self.compact_offsets = self.caches.offsets[self.cache_ids]
+
+    def _split(self, name: str, query_lens: np.ndarray) -> _Split:
+        starts = np.concatenate(([0], np.cumsum(query_lens)))
+        compact_tokens, compact_token_rows = _tokens_of(self.compact_rows, starts, query_lens)
+        main_tokens, _ = _tokens_of(self.main_rows, starts, query_lens)
+        to_device = self.staging.to_device
+        return _Split(
+            query_lens=query_lens, num_tokens=int(starts[-1]),
+            compact_tokens=to_device(f"{name}_compact_tokens", compact_tokens),
+            compact_token_rows=to_device(f"{name}_compact_token_rows", compact_token_rows),
+            compact_query_start_loc=to_device(f"{name}_compact_query_start_loc",
+                                              _starts(query_lens[self.compact_rows])),
+            main_tokens=to_device(f"{name}_main_tokens", main_tokens),
+            main_query_start_loc=to_device(f"{name}_main_query_start_loc",
+                                           _starts(query_lens[self.main_rows])))
+
+    def plan_forward(self, builder_of, cad: CommonAttentionMetadata, positions: torch.Tensor,
+                     draft_index: int) -> DraftStepPlan:
+        """Split one draft forward's batch; `builder_of(sub_cad)` builds vLLM's
+        metadata of a sub-batch, once for every layer. `positions` is the
+        proposer's position buffer of the forward: true positions in the
+        first pass, whose tokens vLLM caches at their true slots and the
+        working cache at compact ones; in the first draft step the rows with
+        working caches move to their compact positions there, and vLLM's own
+        step update advances them from then on, so its RoPE rotates their
+        queries and keys for the working cache directly."""
+        split = self.first_pass if draft_index == 0 else self.steps
+        capacity = self.caches.geometry.capacity
+        tokens, token_rows = split.compact_tokens, split.compact_token_rows
+        offsets = self.compact_offsets[token_rows]
+        if draft_index == 1:
+            positions[tokens] -= offsets
+        compact_positions = positions[tokens] - (offsets if draft_index == 0 else 0)
+        writable = (cad.slot_mapping[tokens] >= 0) & (compact_positions >= 0) & (
+            compact_positions < capacity)
+        compact_slots = torch.where(writable, self.compact_bases[token_rows] + compact_positions,
+                                    NO_CACHE)
+        if draft_index > 0:
+            # A drafted token is rewritten by the next first pass once
+            # verified: in vLLM's cache it would be a wasted write.
+            cad.slot_mapping[tokens] = NO_CACHE
+        compact = builder_of(_sub_batch(
+            split.query_lens[self.compact_rows], split.compact_query_start_loc,
+            cad.seq_lens[self.compact_rows_device] - self.compact_offsets,
+            self.compact_block_table, compact_slots, capacity))
+        main = None
+        if len(self.main_rows):
+            main = builder_of(_sub_batch(
+                split.query_lens[self.main_rows], split.main_query_start_loc,
+                cad.seq_lens[self.main_rows_device],
+                cad.block_table_tensor[self.main_rows_device],
+                cad.slot_mapping[split.main_tokens], cad.max_seq_len))
+        return DraftStepPlan(
+            num_actual_tokens=split.num_tokens, main=main, main_tokens=split.main_tokens,
+            compact=compact, compact_tokens=tokens, compact_slots=compact_slots,
+            compact_offsets=offsets if draft_index == 0 else None)
+
+
+def _starts(query_lens: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(query_lens)))
+
+
+def _tokens_of(rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray):
+    """Token indices of `rows` and, for each, its index in `rows`."""
+    counts = query_lens[rows]
+    token_rows = np.repeat(np.arange(len(rows)), counts)
+    first = np.repeat(starts[rows] - np.cumsum(counts) + counts, counts)
+    return first + np.arange(len(token_rows)), token_rows
+
+
+def _sub_batch(query_lens: np.ndarray, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+               block_table: torch.Tensor, slot_mapping: torch.Tensor,
+               max_seq_len: int) -> CommonAttentionMetadata:
+    starts = _starts(query_lens).astype(np.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start_loc.to(torch.int32),
+        query_start_loc_cpu=torch.from_numpy(starts), seq_lens=seq_lens.to(torch.int32),
+        num_reqs=len(query_lens), num_actual_tokens=int(starts[-1]),
+        max_query_len=int(query_lens.max()), max_seq_len=max_seq_len,
+        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True)
+
+
+# Index arrays a round copies to the device, each at most one per token.
+STAGED_ARRAYS = ("caches", "compact_rows", "main_rows", "due_rows", "due_caches") + tuple(
+    f"{split}_{what}" for split in ("first", "step")
+    for what in ("compact_tokens", "compact_token_rows", "compact_query_start_loc",
+                 "main_tokens", "main_query_start_loc"))
+
+
+class HostStaging:
+    """Host arrays to the device through buffers allocated up front (vLLM's
+    CpuGpuBuffer: pinned host memory, asynchronous copies): no host sync."""
+
+    def __init__(self, max_tokens: int, device: torch.device):
+        self.buffers = {name: CpuGpuBuffer(max_tokens + 1, dtype=torch.int64, device=device,
+                                           with_numpy=True)
+                        for name in STAGED_ARRAYS}
+
+    def to_device(self, name: str, values: np.ndarray) -> torch.Tensor:
+        buffer = self.buffers[name]
+        buffer.np[: len(values)] = values
+        return buffer.copy_to_gpu(len(values))
