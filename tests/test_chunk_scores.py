@@ -2,15 +2,11 @@
 softmax reference (TRITON_INTERPRET=1 on CPU), and top-k finds the chunk
 where a needle is planted."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernel_inputs import random_block_table  # noqa: E402
-from vllm_specextend.retrieval.chunk_scores import (  # noqa: E402
+from kernel_inputs import random_block_table
+from vllm_specextend.retrieval.chunk_scores import (
     chunk_scores,
     chunk_scores_dense,
     chunk_scores_reference,
@@ -50,6 +46,10 @@ def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, block_size,
     got = chunk_scores(query, key_cache, table, lens, block_size, chunk_size,
                        max_len=max(context_lens))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # Split-KV LSE pass: several splits per context, empty ones for short rows.
+    split = chunk_scores(query, key_cache, table, lens, block_size, chunk_size,
+                         max_len=max(context_lens), split_len=64)
+    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-7)
     # The reference itself against the definition (gathered keys, dense softmax).
     def keys_of(row, n):
         positions = torch.arange(n)
@@ -83,3 +83,14 @@ def test_top_chunk_is_the_needle():
                 4.0 * head_dim**0.5 * direction / direction.norm())
     scores = chunk_scores(query, key_cache, table, lens, block_size, chunk_size, max_len=1000)
     assert scores.argmax(dim=1).tolist() == needles
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_in_half_precision(dtype):
+    """Half-precision queries and keys (the model's dtype on GPU) against the
+    reference on the same rounded inputs; scores are float32 either way."""
+    query, key_cache, table, lens = make_inputs([700, 1000, 333], 8, 2, 64, 16)
+    query, key_cache = query.to(dtype), key_cache.to(dtype)
+    expected = chunk_scores_reference(query, key_cache, table, lens, 16, 32)
+    got = chunk_scores(query, key_cache, table, lens, 16, 32, max_len=1000, split_len=256)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-5)

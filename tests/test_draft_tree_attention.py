@@ -4,15 +4,11 @@ property that makes tree drafting match chain drafting: a node attends
 exactly as the last query of the chain of its path does (causal attention
 over context + path, computed here with SDPA)."""
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vllm_specextend.attention.draft_tree_attention import (  # noqa: E402
+from vllm_specextend.attention.draft_tree_attention import (
     draft_tree_attention,
     draft_tree_attention_cpu,
     draft_tree_attention_reference,

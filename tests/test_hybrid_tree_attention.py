@@ -3,24 +3,20 @@ TRITON_INTERPRET=1 on CPU: random trees of several shapes, prefix lengths
 0, 1, 15, 16, 17 and 1000, block sizes 16 and 32, GQA 1/4/8, mixed batches,
 fp32/fp16/bf16; and the LSE merge against one softmax over the union."""
 
-import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernel_inputs import random_block_table  # noqa: E402
-from vllm_specextend.attention.hybrid_tree_attention import (  # noqa: E402
+from kernel_inputs import random_block_table
+from vllm_specextend.attention.hybrid_tree_attention import (
     ancestor_bitmasks,
     hybrid_tree_attention,
     hybrid_tree_attention_cpu,
     merge_attention_states,
     tree_attention_reference,
 )
-from vllm_specextend.config import MAX_TREE_TOKENS  # noqa: E402
+from vllm_specextend.limits import MAX_TREE_TOKENS
 
 PREFIX_LENS = [0, 1, 15, 16, 17, 1000]
 # Output tolerance per dtype: inputs are rounded to the dtype, math is fp32.

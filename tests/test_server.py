@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from conftest import run_engine
+from conftest import run_engine, without_triton_interpreter
 
 STARTUP_TIMEOUT_S = 600
 MAX_NEW_TOKENS = 16
@@ -46,7 +46,8 @@ def server(tiny_pair, tmp_path_factory):
         "--dtype", "float32", "--max-model-len", "4096",
         "--gpu-memory-utilization", "0.1", "--enforce-eager",
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    env = {**without_triton_interpreter(os.environ),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)

@@ -13,14 +13,11 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vllm_specextend.limits import MAX_TREE_DEPTH, MAX_TREE_NODES
+
 METHOD_NAME = "specextend"
 # Where the settings travel to engine-core and worker processes.
 ADDITIONAL_CONFIG_KEY = "specextend"
-# Ancestor masks are one int64 per node, the root included.
-MAX_TREE_TOKENS = 64
-MAX_TREE_NODES = MAX_TREE_TOKENS - 1
-# The draft tree kernel reads a path in one block of 32 keys.
-MAX_TREE_DEPTH = 32
 # Draft architectures with rotary positions: compact positions need RoPE.
 SUPPORTED_DRAFT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Working caches kept at most, by default, whatever max_num_seqs allows.

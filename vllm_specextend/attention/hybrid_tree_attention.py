@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_specextend.config import MAX_TREE_TOKENS
+from vllm_specextend.attention.tiles import interpreted, tile_dot
+from vllm_specextend.limits import MAX_TREE_TOKENS
 from vllm_specextend.paged_cache import slots_of
 
 
@@ -102,50 +103,60 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 
 @triton.jit
 def _prefix_split_kernel(
-    query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+    query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
     partial_out, partial_lse,
     stride_q_node, stride_q_head, stride_slot, stride_kv_head, stride_table,
     stride_po_node, stride_po_head, stride_po_split,
-    block_size, group_size, scale, split_len, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    block_size, group_size, num_heads, scale, split_len, num_splits, query_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IN_FLOAT32: tl.constexpr,
 ):
-    """FlashDecoding partial: one node, one head, one split of the prefix."""
-    node = tl.program_id(0)
-    head = tl.program_id(1)
+    """FlashDecoding partial of one tree's prefix: one KV head, one split, a
+    tile of BLOCK_M (node, query head) rows of that KV head's group. Every
+    key and value tile of the split is read once for all of them."""
+    tree = tl.program_id(0)
+    kv_head = tl.program_id(1) // query_tiles
+    tile = tl.program_id(1) % query_tiles
     split = tl.program_id(2)
-    row = tl.load(node_rows + node)
-    prefix_len = tl.load(prefix_lens + row)
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(query + node * stride_q_node + head * stride_q_head + dims).to(tl.float32)
-    kv_head = head // group_size
-    split_start = split * split_len
-    split_end = tl.minimum(split_start + split_len, prefix_len)
-    running_max = float("-inf")
-    running_sum = 0.0
-    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-    for start in range(split_start, split_end, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        valid = positions < split_end
-        block = tl.load(block_table + row * stride_table + positions // block_size,
-                        mask=valid, other=0).to(tl.int64)
-        offsets = (block * block_size + positions % block_size)[:, None] * stride_slot \
-            + kv_head * stride_kv_head + dims[None, :]
-        keys = tl.load(key_cache + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        logits = tl.where(valid, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
-        correction = tl.exp(running_max - new_max)
-        probs = tl.exp(logits - new_max)
-        values = tl.load(value_cache + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * correction + tl.sum(probs[:, None] * values, axis=0)
-        running_sum = running_sum * correction + tl.sum(probs, axis=0)
-        running_max = new_max
-    base = node * stride_po_node + head * stride_po_head + split * stride_po_split
-    # A split past the prefix end is empty: output 0, LSE -inf (weight 0).
-    empty = running_sum == 0.0
-    safe_sum = tl.where(empty, 1.0, running_sum)
-    tl.store(partial_out + base + dims, acc / safe_sum)
-    tl.store(partial_lse + (node * tl.num_programs(1) + head) * num_splits + split,
-             tl.where(empty, float("-inf"), running_max + tl.log(safe_sum)))
+    first_node = tl.load(tree_start_loc + tree)
+    num_nodes = tl.load(tree_start_loc + tree + 1) - first_node
+    if tile * BLOCK_M < num_nodes * group_size:
+        prefix_len = tl.load(prefix_lens + tree)
+        dims = tl.arange(0, HEAD_DIM)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        node = first_node + rows // group_size
+        head = kv_head * group_size + rows % group_size
+        in_tree = rows < num_nodes * group_size
+        q = tl.load(query + node[:, None] * stride_q_node + head[:, None] * stride_q_head
+                    + dims[None, :], mask=in_tree[:, None], other=0.0)
+        split_end = tl.minimum((split + 1) * split_len, prefix_len)
+        running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        for start in range(split * split_len, split_end, BLOCK_N):
+            positions = start + tl.arange(0, BLOCK_N)
+            valid = positions < split_end
+            block = tl.load(block_table + tree * stride_table + positions // block_size,
+                            mask=valid, other=0).to(tl.int64)
+            offsets = (block * block_size + positions % block_size)[:, None] * stride_slot \
+                + kv_head * stride_kv_head + dims[None, :]
+            keys = tl.load(key_cache + offsets, mask=valid[:, None], other=0.0)
+            logits = tl.where(valid[None, :], tile_dot(q, tl.trans(keys), IN_FLOAT32) * scale, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+            correction = tl.exp(running_max - new_max)
+            probs = tl.exp(logits - new_max[:, None])
+            values = tl.load(value_cache + offsets, mask=valid[:, None], other=0.0)
+            acc = acc * correction[:, None] + tile_dot(probs, values, IN_FLOAT32)
+            running_sum = running_sum * correction + tl.sum(probs, axis=1)
+            running_max = new_max
+        # A split past the prefix end is empty: output 0, LSE -inf (weight 0).
+        empty = running_sum == 0.0
+        safe_sum = tl.where(empty, 1.0, running_sum)
+        base = node * stride_po_node + head * stride_po_head + split * stride_po_split
+        tl.store(partial_out + base[:, None] + dims[None, :], acc / safe_sum[:, None],
+                 mask=in_tree[:, None])
+        tl.store(partial_lse + (node * num_heads + head) * num_splits + split,
+                 tl.where(empty, float("-inf"), running_max + tl.log(safe_sum)), mask=in_tree)
 
 
 @triton.jit
@@ -191,23 +202,28 @@ def node_rows_of(tree_start_loc: torch.Tensor, num_nodes: int) -> torch.Tensor:
     return torch.searchsorted(tree_start_loc[1:], nodes, right=True).to(torch.int32)
 
 
-def prefix_attention(query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+def prefix_attention(query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
                      max_prefix_len: int, block_size: int, scale: float,
-                     split_len: int = 512):
-    """FlashDecoding over each node's request prefix: (out fp32, lse)."""
+                     split_len: int = 512, block_m: int = 64):
+    """FlashDecoding over each tree's prefix, all its nodes at once: (out
+    fp32, lse) per node and head."""
     num_nodes, num_heads, head_dim = query.shape
+    group_size = num_heads // key_cache.shape[1]
     num_splits = max(triton.cdiv(max_prefix_len, split_len), 1)
+    query_tiles = triton.cdiv(MAX_TREE_TOKENS * group_size, block_m)
     partial_out = torch.empty((num_nodes, num_heads, num_splits, head_dim),
                               dtype=torch.float32, device=query.device)
     partial_lse = torch.empty((num_nodes, num_heads, num_splits), dtype=torch.float32,
                               device=query.device)
-    _prefix_split_kernel[(num_nodes, num_heads, num_splits)](
-        query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+    grid = (len(prefix_lens), key_cache.shape[1] * query_tiles, num_splits)
+    _prefix_split_kernel[grid](
+        query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
         partial_out, partial_lse,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         block_table.stride(0), partial_out.stride(0), partial_out.stride(1),
-        partial_out.stride(2), block_size, num_heads // key_cache.shape[1], scale,
-        split_len, num_splits, HEAD_DIM=head_dim, BLOCK_N=64)
+        partial_out.stride(2), block_size, group_size, num_heads, scale, split_len,
+        num_splits, query_tiles, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64,
+        IN_FLOAT32=interpreted())
     # Reduce the splits (the FlashDecoding second pass) by their LSEs.
     lse = torch.logsumexp(partial_lse, dim=-1)
     weights = torch.exp(partial_lse - lse[..., None]).nan_to_num(0.0)
@@ -241,7 +257,7 @@ def hybrid_tree_attention(query, key_cache, value_cache, block_table, prefix_len
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     node_rows = node_rows_of(tree_start_loc, num_nodes)
     prefix_out, prefix_lse = prefix_attention(
-        query, key_cache, value_cache, block_table, prefix_lens, node_rows,
+        query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
         max_prefix_len, block_size, scale)
     tree_out, tree_lse = tree_part_attention(
         query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
