@@ -10,6 +10,7 @@ length, per method, side by side (in the spirit of `vllm bench`).
 Methods run one after another, each in a fresh engine process:
   ar                    target only
   draft_model           stock vLLM speculation, same draft and k
+  eagle3                stock vLLM EAGLE-3 speculation (--draft: the head)
   specextend            the full method
   specextend[k=v,...]   an ablation: any SpecExtend setting, e.g.
                         retrieval=false, top_k_chunks=16, refresh_every=8;
@@ -42,7 +43,8 @@ def parse_method(method: str) -> tuple[str, dict]:
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
         settings[key.strip()] = _setting_value(value.strip())
-    if name not in ("ar", "draft_model", "specextend") or (settings and name != "specextend"):
+    if name not in ("ar", "draft_model", "eagle3", "specextend") or (
+            settings and name != "specextend"):
         raise SystemExit(f"unknown method {method!r}")
     return name, settings
 
@@ -143,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pair", choices=["tiny", "qwen-coder"], default="tiny")
     parser.add_argument("--target")
-    parser.add_argument("--draft")
+    parser.add_argument("--draft", help="the draft (or EAGLE head) to use with --pair's target")
     parser.add_argument("--inputs", nargs="+", required=True, help="JSONL files with 'text'")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--runs", type=int, default=1)
@@ -176,12 +178,12 @@ def main() -> None:
         from vllm_specextend.models.tiny import build_tiny_pair
 
         pair = build_tiny_pair()
-        target, draft = pair.target, pair.draft
+        target, draft = pair.target, args.draft or pair.draft
     else:
         from vllm_specextend.models.qwen_coder import prepare_pair
 
         pair = prepare_pair()
-        target, draft = pair.target, pair.draft
+        target, draft = pair.target, args.draft or pair.draft
     for method in args.methods:
         parse_method(method)
     out = Path(args.out)

@@ -39,6 +39,8 @@ def main(job_path: str, result_path: str) -> None:
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
     if job.get("count_host_syncs"):
         llm.collective_rpc(_count_host_syncs)
+    if job.get("record_attention_spans"):
+        llm.collective_rpc(_record_attention_spans)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
@@ -48,6 +50,8 @@ def main(job_path: str, result_path: str) -> None:
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
     if job.get("count_host_syncs"):
         [result["host_syncs"]] = llm.collective_rpc(_host_syncs_counted)
+    if job.get("record_attention_spans"):
+        [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
     if "kv_blocks" in job:
         [result["kv_blocks"]] = llm.collective_rpc(_target_kv_blocks, args=(job["kv_blocks"],))
     if "draft_probe" in job:
@@ -123,6 +127,33 @@ def _host_syncs_counted(worker):
     drafting = getattr(worker.model_runner.drafter, "specextend", None)
     return {"by_site": dict(worker.specextend_host_syncs),
             "drafting_rounds": drafting.rounds if drafting is not None else 0}
+
+
+def _record_attention_spans(worker):
+    """Record, for every call of vLLM's CPU attention kernel in this worker,
+    its sliding window, its longest sequence and whether it read a
+    SpecExtend working cache."""
+    from vllm import _custom_ops as ops
+
+    drafting = worker.model_runner.drafter.specextend
+    storages = {t.untyped_storage().data_ptr() for t in drafting.caches.storage.values()}
+    kernel = ops.cpu_attention_with_kv_cache
+    calls = worker.specextend_attention_calls = []
+
+    def recording_kernel(*args, **kwargs):
+        calls.append((kwargs["sliding_window"], int(kwargs["seq_lens"].max()),
+                      kwargs["key_cache"].untyped_storage().data_ptr() in storages))
+        return kernel(*args, **kwargs)
+
+    ops.cpu_attention_with_kv_cache = recording_kernel
+
+
+def _attention_spans_recorded(worker):
+    calls = worker.specextend_attention_calls
+    working = [seq_len for _, seq_len, on_working in calls if on_working]
+    return {"draft_windows": sorted({window for window, _, _ in calls if window > 0}),
+            "working_cache_calls": len(working), "longest_working_cache": max(working, default=0),
+            "windowless_calls": sum(window <= 0 for window, _, _ in calls)}
 
 
 def _runner_settings(worker):

@@ -57,6 +57,10 @@ def test_method_parsing():
         "specextend", {"selection": "recency"})
     assert long_input.speculative_config("draft_model", "D", 4) == {
         "method": "draft_model", "model": "D", "num_speculative_tokens": 4}
+    assert long_input.speculative_config("eagle3", "H", 3) == {
+        "method": "eagle3", "model": "H", "num_speculative_tokens": 3}
+    assert long_input.parse_method("specextend[draft_method=eagle3,selection=recency]") == (
+        "specextend", {"draft_method": "eagle3", "selection": "recency"})
     with pytest.raises(SystemExit):
         long_input.parse_method("draft_model[top_k_chunks=3]")
 

@@ -1,5 +1,5 @@
 """Speculative sampling keeps the target's distribution: tree mode, chain
-mode (vLLM's rejection sampler) and the target alone, each on many seeded
+mode, chains from an EAGLE-3 head and the target alone, each on many seeded
 requests of one prompt, against the exact distribution of the first three
 tokens. Top-k = 2 leaves 8 outcomes; temperature 1 leaves them skewed
 (0.01 to 0.62), so a sampler that leans to the draft's or the target's
@@ -12,6 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import run_engine
+from vllm_specextend.models.eagle3 import build_random_eagle3_head
 
 TEMPERATURE, TOP_K, NEW_TOKENS, SAMPLES = 1.0, 2, 3, 1000
 # Fails a correct sampler with probability 1e-3 (seeds are fixed, so a run
@@ -51,6 +52,9 @@ SPECULATION = {
     "target only": None,
     "chain": {"num_speculative_tokens": 2},
     "tree": {"tree": True, "tree_nodes": 8, "tree_max_depth": 3},
+    # A random head: its drafts are nearly always rejected, so the target's
+    # own draw after each rejection carries the distribution.
+    "eagle3 head": {"num_speculative_tokens": 2, "draft_method": "eagle3"},
 }
 
 
@@ -64,8 +68,11 @@ def sampled(request, tiny_pair, prompt, tmp_path_factory):
            "engine_kwargs": {"enable_chunked_prefill": False, "max_num_seqs": 64}}
     speculation = SPECULATION[request.param]
     if speculation is not None:
-        job["speculative_config"] = {"method": "specextend", "model": tiny_pair.draft,
-                                     **speculation}
+        draft = tiny_pair.draft
+        if speculation.get("draft_method") == "eagle3":
+            draft = build_random_eagle3_head(tiny_pair.target,
+                                             tmp_path_factory.mktemp("head"), 2048)
+        job["speculative_config"] = {"method": "specextend", "model": draft, **speculation}
     result, _ = run_engine(job, tmp_path_factory.mktemp("sampling"))
     return request.param, result
 
@@ -84,7 +91,9 @@ def test_first_tokens_follow_the_target_distribution(sampled, exact_distribution
     assert test.pvalue > SIGNIFICANCE, (
         f"{name}: observed {observed} vs expected {[round(e) for e in expected]}, "
         f"p = {test.pvalue:.2g}")
-    if name != "target only":
-        counters = result["spec_decode"]
+    counters = result["spec_decode"]
+    if name == "eagle3 head":
+        assert counters["vllm:spec_decode_num_drafts"] > SAMPLES
+    elif name != "target only":
         assert counters["vllm:spec_decode_num_accepted_tokens"] > SAMPLES // 10
 

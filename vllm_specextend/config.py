@@ -61,6 +61,10 @@ class SpecExtendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    draft_method: Literal["draft_model", "eagle3", "eagle"] | None = None
+    """How vLLM drafts: a separate draft model, or an EAGLE-3 (EAGLE-1/2)
+    head on the target's hidden states; default: from the draft's config
+    (an EAGLE architecture name), else draft_model."""
     chunk_size: int = Field(default=32, gt=0)
     """Tokens per retrieval chunk; a multiple of the KV cache block size."""
     draft_window: int | None = Field(default=None, gt=0)

@@ -61,10 +61,11 @@ def _byte_level_tokenizer():
     )
 
 
-def _llama_config(num_layers: int, max_positions: int):
-    from transformers import LlamaConfig
+def _llama_config(num_layers: int, max_positions: int, family: str = "llama"):
+    from transformers import LlamaConfig, Qwen2Config
 
-    return LlamaConfig(
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    return config_class(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
@@ -135,3 +136,22 @@ def build_tiny_pair(
     _save(target, tokenizer, target_dir)
     _save(draft, tokenizer, draft_dir)
     return ModelPair(str(target_dir), str(draft_dir))
+
+
+def build_tiny_qwen2_target(cache_dir: Path | None = None, seed: int = 0) -> str:
+    """A tiny random Qwen2-shaped target (same sizes and tokenizer as the
+    Llama pair's target): the other family vLLM gives EAGLE-3 heads
+    auxiliary hidden states for. Built once; returns its folder."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    folder = (cache_dir or default_cache_dir()) / f"tiny-seed{seed}" / "qwen2-target"
+    if _is_built(folder):
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    target = Qwen2ForCausalLM(_llama_config(4, TARGET_MAX_POSITIONS, family="qwen2"))
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20.0)
+    _save(target, _byte_level_tokenizer(), folder)
+    return str(folder)

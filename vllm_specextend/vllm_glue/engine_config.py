@@ -29,7 +29,8 @@ logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handl
 
 # vLLM's CPU platform picks 128-token blocks when the user sets none.
 CPU_DEFAULT_BLOCK_SIZE = 128
-UNDERLYING_METHOD = "draft_model"
+# vLLM architectures of EAGLE heads, and the method that runs each.
+EAGLE_ARCHITECTURES = {"Eagle3": "eagle3", "Eagle": "eagle"}
 
 
 def _requested_method(engine_args: Any) -> str | None:
@@ -37,18 +38,37 @@ def _requested_method(engine_args: Any) -> str | None:
     return spec.get("method", engine_args.spec_method)
 
 
+def draft_config_file(model: str | None) -> dict:
+    """The draft's config.json when it is a local folder, else {}."""
+    config_file = Path(model or "") / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def detected_draft_method(model: str | None) -> str:
+    """eagle3 / eagle for an EAGLE head's architecture, else draft_model."""
+    for architecture in draft_config_file(model).get("architectures") or []:
+        for marker, method in EAGLE_ARCHITECTURES.items():
+            if marker in architecture:
+                return method
+    return "draft_model"
+
+
 def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
-    """Rewrite the engine args in place to run as draft_model; return ours."""
+    """Rewrite the engine args in place to run as vLLM's draft method
+    (draft_model, eagle3 or eagle); return ours, the method resolved."""
     from vllm.config import SpeculativeConfig
 
     vllm_fields = [f.name for f in dataclasses.fields(SpeculativeConfig)]
     settings, rest = split_speculative_config(
         engine_args.speculative_config or {}, vllm_fields
     )
+    if settings.draft_method is None:
+        settings = settings.model_copy(
+            update={"draft_method": detected_draft_method(rest.get("model"))})
     if engine_args.spec_method == METHOD_NAME:
-        engine_args.spec_method = UNDERLYING_METHOD
+        engine_args.spec_method = settings.draft_method
     else:
-        rest["method"] = UNDERLYING_METHOD
+        rest["method"] = settings.draft_method
     if settings.tree:
         _configure_tree_mode(settings, rest, engine_args)
     engine_args.speculative_config = rest
@@ -91,12 +111,8 @@ def _is_cpu() -> bool:
 def shipped_max_positions(draft_model_config) -> int:
     """The draft's max_position_embeddings as its config file ships it (vLLM
     raises an EAGLE head's in memory to the target's length)."""
-    config_file = Path(draft_model_config.model) / "config.json"
-    if config_file.is_file():
-        shipped = json.loads(config_file.read_text()).get("max_position_embeddings")
-        if shipped:
-            return int(shipped)
-    return draft_model_config.hf_config.max_position_embeddings
+    shipped = draft_config_file(draft_model_config.model).get("max_position_embeddings")
+    return int(shipped) if shipped else draft_model_config.hf_config.max_position_embeddings
 
 
 def geometry_of(settings: SpecExtendConfig, vllm_config: Any) -> WorkingCacheGeometry:
@@ -118,7 +134,9 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
         block_size=vllm_config.cache_config.block_size,
         draft_max_positions=shipped_max_positions(spec.draft_model_config),
         num_speculative_tokens=spec.num_speculative_tokens,
-        draft_model_type=draft_hf.model_type,
+        # vLLM wraps an EAGLE head's config ("eagle"); its own file says what it is.
+        draft_model_type=draft_config_file(spec.draft_model_config.model).get(
+            "model_type", draft_hf.model_type),
     )
     if settings.verifies_with_hta and not _is_cpu():
         field = "tree" if settings.tree else "hybrid_tree_attention"
@@ -127,6 +145,36 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
             f"(and so tree verification) is only built for vLLM's CPU build in this "
             f"version; set it to false"
         )
+    if settings.draft_method != "draft_model":
+        _check_eagle_head(settings, vllm_config)
+
+
+def _check_eagle_head(settings: SpecExtendConfig, vllm_config: Any) -> None:
+    """An EAGLE head drafts from the target's hidden states: the target must
+    give them, at the head's width; trees grow from a draft model only."""
+    spec, target = vllm_config.speculative_config, vllm_config.model_config
+    if settings.tree:
+        raise SpecExtendConfigError(
+            f"speculative_config.tree=true: tree drafting runs a separate draft model; "
+            f"with draft_method={settings.draft_method} set tree to false")
+    if settings.draft_method == "eagle3":
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        model_class, architecture = ModelRegistry.resolve_model_cls(
+            target.architectures, model_config=target)
+        if not supports_eagle3(model_class):
+            raise SpecExtendConfigError(
+                f"speculative_config.draft_method=eagle3: the target's architecture "
+                f"{architecture} gives no auxiliary hidden states for an EAGLE-3 head in "
+                f"vLLM; supported: Llama and Qwen2 families, among others")
+    head = draft_config_file(spec.draft_model_config.model)
+    head_width = head.get("target_hidden_size") or head.get("hidden_size")
+    if head_width and head_width != target.get_hidden_size():
+        raise SpecExtendConfigError(
+            f"speculative_config.model: the {settings.draft_method} head reads hidden "
+            f"states of width {head_width}, but the target's hidden size is "
+            f"{target.get_hidden_size()}: the head was trained for another target")
 
 
 def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
@@ -163,6 +211,8 @@ def _retrieval_summary(settings: SpecExtendConfig) -> str:
 
 
 def _drafting_summary(settings: SpecExtendConfig) -> str:
+    if settings.draft_method != "draft_model":
+        return f"chain drafts from an {settings.draft_method} head"
     if settings.tree:
         return (f"tree mode on: dynamic draft trees of {settings.tree_nodes} nodes, depth "
                 f"at most {settings.tree_max_depth}, threshold {settings.tree_threshold}, "
