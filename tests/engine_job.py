@@ -30,7 +30,9 @@ def main(job_path: str, result_path: str) -> None:
         **job.get("engine_kwargs", {}),
     )
     sampling = job.get("sampling")
-    if sampling is None:
+    if "params" in job:  # one SamplingParams per prompt, as given
+        params = [SamplingParams(**kwargs) for kwargs in job["params"]]
+    elif sampling is None:
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     else:  # one seed per prompt: request i draws with seed i
         params = [SamplingParams(temperature=sampling["temperature"], top_k=sampling["top_k"],
@@ -46,6 +48,11 @@ def main(job_path: str, result_path: str) -> None:
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "spec_decode": spec_decode_counters(llm),
     }
+    if "params" in job:
+        result["outputs"] = [_described(output) for output in outputs]
+    if "refused_params" in job:
+        result["refusals"] = [_refusal(llm, prompts[0], kwargs)
+                              for kwargs in job["refused_params"]]
     if job.get("collect_worker_settings"):
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
     if job.get("count_host_syncs"):
@@ -154,6 +161,31 @@ def _attention_spans_recorded(worker):
     return {"draft_windows": sorted({window for window, _, _ in calls if window > 0}),
             "working_cache_calls": len(working), "longest_working_cache": max(working, default=0),
             "windowless_calls": sum(window <= 0 for window, _, _ in calls)}
+
+
+def _logprobs(entries):
+    """[{token id: logprob}] per position (None entries kept)."""
+    return None if entries is None else [
+        None if entry is None else {str(t): lp.logprob for t, lp in entry.items()}
+        for entry in entries]
+
+
+def _described(output) -> dict:
+    return {"completions": [{"token_ids": list(c.token_ids), "text": c.text,
+                             "finish_reason": c.finish_reason,
+                             "logprobs": _logprobs(c.logprobs)} for c in output.outputs],
+            "prompt_logprobs": _logprobs(output.prompt_logprobs)}
+
+
+def _refusal(llm, prompt, kwargs) -> str | None:
+    """The error a request with these parameters meets, if any."""
+    from vllm import SamplingParams
+
+    try:
+        llm.generate([prompt], SamplingParams(**kwargs), use_tqdm=False)
+    except Exception as error:  # noqa: BLE001 (the message is what is checked)
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _runner_settings(worker):

@@ -15,6 +15,7 @@ from vllm_specextend.vllm_glue.engine_config import (
 )
 from vllm_specextend.vllm_glue.patching import Patch
 from vllm_specextend.vllm_glue.processes import wrap_init_with_settings
+from vllm_specextend.vllm_glue.sampling import wrap_expand_batch_to_tokens, wrap_validate_params
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
 PATCHES = [
@@ -76,7 +77,20 @@ PATCHES = [
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner._sample",
         wrap_sample,
-        "tree mode: accept a path of each tree and compact its K/V; chains that "
-        "sample on CPU: accept as path-shaped trees",
+        "tree mode: draw the target's token at every tree row with vLLM's sampler, "
+        "accept a path of each tree and compact its K/V",
+    ),
+    Patch(
+        "vllm.v1.sample.rejection_sampler",
+        "expand_batch_to_tokens",
+        wrap_expand_batch_to_tokens,
+        "CPU build: vLLM's fallback loses float sampling parameters; chains that "
+        "sample go through vLLM's rejection sampler",
+    ),
+    Patch(
+        "vllm.v1.engine.input_processor",
+        "InputProcessor._validate_params",
+        wrap_validate_params,
+        "tree mode: refuse, naming it, a sampling parameter a tree cannot serve",
     ),
 ]

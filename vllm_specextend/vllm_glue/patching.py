@@ -21,7 +21,7 @@ logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handl
 @dataclass(frozen=True)
 class Patch:
     module: str
-    qualname: str  # "Class.attribute"
+    qualname: str  # "Class.attribute", or "function" of the module
     # Takes the original attribute, returns the replacement.
     make_replacement: Callable[[Any], Any]
     why: str
@@ -38,9 +38,9 @@ def apply_patches(patches: list[Patch]) -> None:
         key = (patch.module, patch.qualname)
         if key in _applied:
             continue
-        owner_name, attribute = patch.qualname.rsplit(".", 1)
+        *owner_path, attribute = patch.qualname.split(".")
         owner = importlib.import_module(patch.module)
-        for part in owner_name.split("."):
+        for part in owner_path:
             owner = getattr(owner, part)
         original = owner.__dict__.get(attribute)
         if original is None:

@@ -7,6 +7,7 @@ import functools
 
 from vllm_specextend.vllm_glue.engine_config import log_settings
 from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.sampling import ACTIVE
 
 
 def wrap_init_with_settings(where: str):
@@ -27,6 +28,8 @@ def wrap_init_with_settings(where: str):
                 )
 
                 register_hybrid_tree_backend()
+            if where == "worker" and settings is not None:
+                ACTIVE["worker"] = True
             original(self, *args, **kwargs)
             self.specextend_config = settings
             if self.specextend_config is not None and hasattr(self, "drafter"):

@@ -17,14 +17,13 @@ import functools
 import logging
 
 import torch
-from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, random_sample
-from vllm.v1.sample.sampler import _SAMPLING_EPS
+from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from vllm_specextend.attention.hybrid_tree_attention import ancestor_bitmasks
 from vllm_specextend.tree.compaction import compaction_moves
 from vllm_specextend.tree.dynamic_tree import DraftTree, accept_path
 from vllm_specextend.tree.verification import accepted_first_order, verification_layout
+from vllm_specextend.vllm_glue.sampling import node_sampling_metadata
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
 
 logger = logging.getLogger("vllm.specextend")
@@ -80,35 +79,6 @@ def wrap_prepare_inputs(original):
     return _prepare_inputs
 
 
-def target_tokens(logits: torch.Tensor, rows_per_request: torch.Tensor,
-                  sampling_metadata) -> torch.Tensor:
-    """The target's token at every logits row: argmax for greedy requests,
-    one draw from the processed distribution (temperature, then top-k and
-    top-p, as vLLM's sampler) for the others, with each request's own
-    generator. Per-row parameters are repeated here: vLLM's Triton
-    expansion does not run on CPU."""
-    greedy = logits.argmax(dim=-1)
-    if sampling_metadata.all_greedy:
-        return greedy
-
-    def per_row(values):
-        return None if values is None else values.repeat_interleave(rows_per_request)
-
-    temperature = per_row(sampling_metadata.temperature)
-    is_greedy = temperature < _SAMPLING_EPS
-    scaled = logits.float() / torch.where(is_greedy, 1.0, temperature)[:, None]
-    processed = apply_top_k_top_p(scaled, per_row(sampling_metadata.top_k),
-                                  per_row(sampling_metadata.top_p))
-    starts = (rows_per_request.cumsum(0) - rows_per_request).tolist()
-    generators = {
-        starts[request] + offset: generator
-        for request, generator in sampling_metadata.generators.items()
-        for offset in range(int(rows_per_request[request]))
-    }
-    sampled = random_sample(processed.softmax(dim=-1), generators)
-    return torch.where(is_greedy, greedy, sampled)
-
-
 def scheduled_drafts(spec_decode_metadata, parents: torch.Tensor | None = None,
                      depths: torch.Tensor | None = None) -> DraftTree:
     """The step's draft tokens as trees, [num_reqs, most drafts]: `parents`
@@ -143,11 +113,15 @@ def _target_layers(runner):
 
 def accept_trees(runner, logits, spec_decode_metadata, tree: DraftTree,
                  trees: ScheduledTrees | None = None) -> SamplerOutput:
-    """Follow the target's tokens through each request's tree; with the
-    step's `trees` (tree mode), compact the accepted paths."""
+    """Draw the target's token at every tree row with vLLM's sampler, follow
+    those tokens through each request's tree (exact for sampling too, see
+    `accept_path`) and compact the accepted paths. Each output token's
+    logprobs are those of the row it was drawn at."""
     num_reqs = runner.input_batch.num_reqs
     rows_per_request = torch.tensor(spec_decode_metadata.num_draft_tokens) + 1
-    flat = target_tokens(logits, rows_per_request, runner.input_batch.sampling_metadata)
+    drawn = runner.sampler(logits, node_sampling_metadata(
+        runner.input_batch.sampling_metadata, rows_per_request))
+    flat = drawn.sampled_token_ids.view(-1).long()
     width = tree.tokens.shape[1]
     starts = rows_per_request.cumsum(0) - rows_per_request
     columns = torch.minimum(torch.arange(1 + width)[None, :], rows_per_request[:, None] - 1)
@@ -162,7 +136,17 @@ def accept_trees(runner, logits, spec_decode_metadata, tree: DraftTree,
 
     if trees is not None and bool(num_accepted.any()):
         _compact_accepted_paths(runner, trees, tree, accepted, num_accepted)
-    return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+    logprobs = drawn.logprobs_tensors
+    if logprobs is not None:
+        # Output j was drawn at the root's row (j = 0) or at path node j - 1's.
+        drawn_at = torch.full((num_reqs, width + 1), -1, dtype=torch.long)
+        depth = min(accepted.shape[1], width)
+        drawn_at[:, 1: 1 + depth] = accepted[:, :depth]
+        rows = (starts[:, None] + 1 + drawn_at).flatten()
+        logprobs = LogprobsTensors(logprob_token_ids=logprobs.logprob_token_ids[rows],
+                                   logprobs=logprobs.logprobs[rows],
+                                   selected_token_ranks=logprobs.selected_token_ranks[rows])
+    return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs)
 
 
 def _compact_accepted_paths(runner, trees: ScheduledTrees, tree: DraftTree, accepted,
@@ -202,24 +186,14 @@ def _reordered_buffers(runner):
 
 
 def wrap_sample(original):
-    """Tree mode: accept trees. Chains on CPU: greedy steps go to vLLM's
-    rejection sampler; steps that sample follow the chain as a path-shaped
-    tree (exact, see `accept_path`), because that sampler's Triton
-    expansion of per-request parameters does not run on CPU and its top-k
-    fails ("selected index k out of range")."""
+    """Tree mode: accept trees. Chains go to vLLM's own (rejection) sampler."""
 
     @functools.wraps(original)
     def _sample(self, logits, spec_decode_metadata):
-        if getattr(self, "specextend_config", None) is None or spec_decode_metadata is None:
+        if not _tree_mode(self) or spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
-        if _tree_mode(self):
-            trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
-            tree = trees.draft_tree if trees is not None else scheduled_drafts(
-                spec_decode_metadata)
-            return accept_trees(self, logits, spec_decode_metadata, tree, trees)
-        if logits.is_cpu and not self.input_batch.sampling_metadata.all_greedy:
-            return accept_trees(self, logits, spec_decode_metadata,
-                                scheduled_drafts(spec_decode_metadata))
-        return original(self, logits, spec_decode_metadata)
+        trees, TREE_STATE.scheduled = TREE_STATE.scheduled, None
+        tree = trees.draft_tree if trees is not None else scheduled_drafts(spec_decode_metadata)
+        return accept_trees(self, logits, spec_decode_metadata, tree, trees)
 
     return _sample
