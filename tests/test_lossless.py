@@ -103,23 +103,19 @@ def test_tree_mode_drafted_trees(specextend_run):
         assert 1 < per_draft <= variant["tree_nodes"]
 
 
-def test_settings_reach_engine_core_and_workers(specextend_run):
+def test_settings_reach_the_workers(specextend_run):
     result, log, variant = specextend_run
     expected = {**SMALL_BUDGET, **variant}
     [worker_settings] = result["worker_settings"]  # one worker (TP=1)
     assert {k: worker_settings[k] for k in expected} == expected
     lines = log.splitlines()
-    # vLLM prefixes each line with its process: "(EngineCore pid=..)",
-    # "(VllmWorker-0 pid=..)" before the worker renames itself "(Worker pid=..)".
-    for process, prefix in (("engine core", r"\(EngineCore "), ("worker", r"\((Vllm)?Worker")):
-        from_process = [l for l in lines if re.match(prefix, l)]
-        loaded = [l for l in from_process if "vllm-specextend plugin loaded" in l]
-        settings = [
-            l for l in from_process
-            if f"SpecExtend settings ({process})" in l and "top_k_chunks=4" in l
-        ]
-        assert loaded, f"plugin did not load in the {process}"
-        assert len(settings) == 1, f"{process} logged its settings {len(settings)} times"
+    # vLLM prefixes each line with its process: "(VllmWorker-0 pid=..)"
+    # before the worker renames itself "(Worker pid=..)".
+    from_worker = [l for l in lines if re.match(r"\((Vllm)?Worker", l)]
+    assert any("vllm-specextend plugin loaded" in l for l in from_worker)
+    settings = [l for l in from_worker
+                if "SpecExtend settings (worker)" in l and "top_k_chunks=4" in l]
+    assert len(settings) == 1, f"the worker logged its settings {len(settings)} times"
     front = [l for l in lines if "SpecExtend settings (front end)" in l]
     assert len(front) == 1
     retrieval = ("Cross-model Retrieval on" if variant.get("retrieval", True)

@@ -1,4 +1,12 @@
-"""vLLM general-plugin entry point, run once in every vLLM process."""
+"""vLLM general-plugin entry point, run once in every vLLM process.
+
+It loads in every vLLM process of an environment, SpecExtend or not, so it
+changes nothing that a run without `method: specextend` would see: every
+patch passes through unless the engine's settings say SpecExtend. On a vLLM
+other than the one it is built for, or where a patch target is missing, it
+logs one warning and patches nothing but a pass-through check that makes
+`method: specextend` fail at start-up, naming both versions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import logging
 import os
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
+SUPPORTED_VLLM_VERSION = "0.32.0"
 _registered = False
 
 
@@ -14,13 +23,26 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_specextend.vllm_glue import PATCHES
-    from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches
-
-    apply_patches(PATCHES)
     _registered = True
-    logger.info(
-        "vllm-specextend plugin loaded in pid %d (%d patches)",
-        os.getpid(),
-        len(applied_patches()),
-    )
+    import vllm
+
+    from vllm_specextend.vllm_glue import PATCHES
+    from vllm_specextend.vllm_glue.engine_config import refusing_patch
+    from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches, missing
+
+    problem = None
+    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
+        problem = (f"vLLM {vllm.__version__} is installed; vllm-specextend supports vLLM "
+                   f"{SUPPORTED_VLLM_VERSION}")
+    elif absent := missing(PATCHES):
+        problem = (f"this vLLM {vllm.__version__} lacks what vllm-specextend patches "
+                   f"({', '.join(absent)})")
+    if problem is not None:
+        logger.warning("vllm-specextend changes nothing in this process: %s", problem)
+        guard = refusing_patch(problem)
+        if not missing([guard]):
+            apply_patches([guard])
+        return
+    apply_patches(PATCHES)
+    logger.info("vllm-specextend plugin loaded in pid %d (%d patches)", os.getpid(),
+                len(applied_patches()))

@@ -14,7 +14,7 @@ from vllm_specextend.vllm_glue.engine_config import (
     wrap_v2_runner_unsupported,
 )
 from vllm_specextend.vllm_glue.patching import Patch
-from vllm_specextend.vllm_glue.processes import wrap_init_with_settings
+from vllm_specextend.vllm_glue.processes import wrap_runner_init
 from vllm_specextend.vllm_glue.sampling import wrap_expand_batch_to_tokens, wrap_validate_params
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
@@ -32,15 +32,9 @@ PATCHES = [
         "SpecExtend's runner hooks live in the V1 model runner",
     ),
     Patch(
-        "vllm.v1.core.sched.scheduler",
-        "Scheduler.__init__",
-        wrap_init_with_settings("engine core"),
-        "give the engine core's scheduler its SpecExtend settings",
-    ),
-    Patch(
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner.__init__",
-        wrap_init_with_settings("worker"),
+        wrap_runner_init,
         "give each model runner (CPU runner included) its SpecExtend settings",
     ),
     Patch(

