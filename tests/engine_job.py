@@ -8,6 +8,7 @@ Usage: python tests/engine_job.py JOB.json RESULT.json
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -59,6 +60,8 @@ def main(job_path: str, result_path: str) -> None:
         [result["host_syncs"]] = llm.collective_rpc(_host_syncs_counted)
     if job.get("record_attention_spans"):
         [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
+    if job.get("request_state"):
+        result["request_state"] = _state_once_idle(llm)
     if "kv_blocks" in job:
         [result["kv_blocks"]] = llm.collective_rpc(_target_kv_blocks, args=(job["kv_blocks"],))
     if "draft_probe" in job:
@@ -66,6 +69,17 @@ def main(job_path: str, result_path: str) -> None:
             _draft_under_fixed_working_set, args=(job["draft_probe"],))
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+def _state_once_idle(llm, attempts: int = 100) -> dict:
+    """The worker's `specextend_state` once vLLM's runner has let go of the
+    finished requests (the engine core tells it in one more, empty, step)."""
+    for _ in range(attempts):
+        [state] = llm.collective_rpc("specextend_state")
+        if state.get("vllm_requests") == 0:
+            break
+        time.sleep(0.1)
+    return state
 
 
 # Tensor methods that wait for the device (on a GPU) when called.

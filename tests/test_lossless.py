@@ -52,6 +52,7 @@ def specextend_run(request, tiny_pair, mixed_prompts, tmp_path_factory):
         "prompts": mixed_prompts,
         "max_tokens": MAX_NEW_TOKENS,
         "collect_worker_settings": True,
+        "request_state": True,
     }
     result, log = run_engine(job, tmp_path_factory.mktemp("specextend"))
     return result, log, variant
@@ -84,6 +85,13 @@ def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
     threshold = 2048 - variant["refresh_every"] * per_step - past
     assert re.search(rf"first working caches filled \(\d+ of \d+ requests past {threshold} tokens\)",
                      log)
+
+
+def test_finished_requests_leave_no_state(specextend_run):
+    result, _, _ = specextend_run
+    state = result["request_state"]
+    assert state == {**state, "specextend": True, "vllm_requests": 0,
+                     "working_cache_holders": 0, "proposed_trees": 0}
 
 
 def test_hybrid_tree_attention_verified_rows(specextend_run):

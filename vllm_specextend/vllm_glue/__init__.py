@@ -14,7 +14,7 @@ from vllm_specextend.vllm_glue.engine_config import (
     wrap_v2_runner_unsupported,
 )
 from vllm_specextend.vllm_glue.patching import Patch
-from vllm_specextend.vllm_glue.processes import wrap_runner_init
+from vllm_specextend.vllm_glue.processes import add_worker_state, wrap_runner_init
 from vllm_specextend.vllm_glue.sampling import wrap_expand_batch_to_tokens, wrap_validate_params
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
@@ -86,5 +86,12 @@ PATCHES = [
         "InputProcessor._validate_params",
         wrap_validate_params,
         "tree mode: refuse, naming it, a sampling parameter a tree cannot serve",
+    ),
+    Patch(
+        "vllm.v1.worker.worker_base",
+        "WorkerBase.specextend_state",
+        add_worker_state,
+        "report the plugin's per-request state and the worker's memory (soak checks)",
+        adds=True,
     ),
 ]

@@ -30,6 +30,7 @@ from vllm_specextend.vllm_glue.engine_config import geometry_of, settings_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.tree_drafting import TreeDrafter
+from vllm_specextend.vllm_glue.tree_step import TREE_STATE
 from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, WorkingCaches
 
 logger = logging.getLogger("vllm.specextend")
@@ -144,6 +145,17 @@ class SpecExtendDrafting:
 
     def end_round(self) -> None:
         self.round = None
+
+    def forget(self, req_id: str) -> None:
+        """The request finished: free its working cache and tree."""
+        if self.caches is not None:
+            self.caches.release(req_id)
+        TREE_STATE.proposed.pop(req_id, None)
+
+    def request_state(self) -> dict[str, int]:
+        """How many requests each per-request structure still holds."""
+        return {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
+                "proposed_trees": len(TREE_STATE.proposed)}
 
     def plan_forward(self, proposer, cad, draft_index: int):
         """Per-layer metadata of one draft forward: vLLM's own when no row of

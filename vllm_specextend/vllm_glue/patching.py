@@ -22,9 +22,10 @@ logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handl
 class Patch:
     module: str
     qualname: str  # "Class.attribute", or "function" of the module
-    # Takes the original attribute, returns the replacement.
+    # Takes the original attribute (None when adding), returns the replacement.
     make_replacement: Callable[[Any], Any]
     why: str
+    adds: bool = False  # a new attribute, which this vLLM must not have yet
 
 
 # (module, qualname) -> original attribute, for every patch applied here.
@@ -47,10 +48,10 @@ def _owner(patch: Patch):
 
 
 def missing(patches: list[Patch]) -> list[str]:
-    """The patch targets this vLLM does not have."""
+    """The patch targets this vLLM does not have (or has, for an addition)."""
     return [f"{patch.module}.{patch.qualname}" for patch in patches
             if _owner(patch) is None
-            or patch.qualname.split(".")[-1] not in vars(_owner(patch))]
+            or (patch.qualname.split(".")[-1] in vars(_owner(patch))) == patch.adds]
 
 
 def apply_patches(patches: list[Patch]) -> None:
@@ -60,10 +61,10 @@ def apply_patches(patches: list[Patch]) -> None:
             continue
         owner, attribute = _owner(patch), patch.qualname.split(".")[-1]
         original = vars(owner).get(attribute) if owner is not None else None
-        if original is None:
+        if owner is None or (original is None) != patch.adds:
             raise RuntimeError(
                 f"vllm-specextend cannot patch {patch.module}.{patch.qualname}: "
-                f"it does not exist in this vLLM version"
+                f"it {'exists' if patch.adds else 'does not exist'} in this vLLM version"
             )
         if getattr(original, "__specextend_patch__", False):
             raise RuntimeError(f"{patch.module}.{patch.qualname} is patched twice")

@@ -35,5 +35,44 @@ def wrap_runner_init(original):
             # SpecExtend's drafting reads the batch from the runner.
             replace_on_instance(self.drafter, "specextend_runner", self,
                                 "the proposer's way back to its model runner", adding=True)
+        replace_on_instance(self, "_on_request_state_removed",
+                            _forgetting_requests(self, self._on_request_state_removed),
+                            "drop a finished request's SpecExtend state with vLLM's")
 
     return __init__
+
+
+def _forgetting_requests(runner, hook):
+    """vLLM's hook for request-scoped side caches, extended to SpecExtend's."""
+
+    def on_request_state_removed(req_id, req_state):
+        hook(req_id, req_state)
+        drafting = _drafting_of(runner)
+        if drafting is not None:
+            drafting.forget(req_id)
+
+    return on_request_state_removed
+
+
+def _drafting_of(runner):
+    return getattr(getattr(runner, "drafter", None), "specextend", None)
+
+
+def add_worker_state(_absent):
+    """A worker method for `collective_rpc("specextend_state")` (the dev
+    server's /collective_rpc): what the plugin holds per request, beside
+    vLLM's own count, and the process's memory; soak checks read it."""
+
+    def specextend_state(self) -> dict:
+        import psutil
+
+        runner = getattr(self, "model_runner", None)
+        drafting = _drafting_of(runner)
+        state = {"specextend": drafting is not None,
+                 "rss_bytes": psutil.Process().memory_info().rss}
+        if drafting is not None:
+            state["vllm_requests"] = len(runner.requests)
+            state.update(drafting.request_state())
+        return state
+
+    return specextend_state

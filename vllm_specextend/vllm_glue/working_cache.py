@@ -86,6 +86,9 @@ class WorkingCaches:
             if req_id not in present or present[req_id] < self.filled_at[cache]:
                 del self.holder[req_id]
 
+    def release(self, req_id: str) -> None:
+        self.holder.pop(req_id, None)
+
     def due_rows(self, req_ids: list[str], eligible: np.ndarray, computed: np.ndarray,
                  round_index: int, refresh_every: int) -> np.ndarray:
         """Rows whose cache is (re)filled this round: eligible requests that
