@@ -15,7 +15,11 @@ from vllm_specextend.vllm_glue.engine_config import (
 )
 from vllm_specextend.vllm_glue.patching import Patch
 from vllm_specextend.vllm_glue.processes import add_worker_state, wrap_runner_init
-from vllm_specextend.vllm_glue.sampling import wrap_expand_batch_to_tokens, wrap_validate_params
+from vllm_specextend.vllm_glue.sampling import (
+    wrap_apply_sampling_constraints,
+    wrap_expand_batch_to_tokens,
+    wrap_validate_params,
+)
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
 PATCHES = [
@@ -80,6 +84,13 @@ PATCHES = [
         wrap_expand_batch_to_tokens,
         "CPU build: vLLM's fallback loses float sampling parameters; chains that "
         "sample go through vLLM's rejection sampler",
+    ),
+    Patch(
+        "vllm.v1.sample.rejection_sampler",
+        "apply_sampling_constraints",
+        wrap_apply_sampling_constraints,
+        "CPU build: a sampling step with no drafts at all skips vLLM's top-k "
+        "fallback, which fails on zero rows",
     ),
     Patch(
         "vllm.v1.engine.input_processor",

@@ -3,7 +3,10 @@
 Chains go through vLLM's rejection sampler, on the CPU build too: its CPU
 fallback for `expand_batch_to_tokens` casts float parameters (temperature,
 top-p) to int64 and writes into that copy, so the expansion is replaced
-there (SpecExtend engines, CPU tensors only) by a plain repeat.
+there (SpecExtend engines, CPU tensors only) by a plain repeat. Its CPU
+top-k fallback also fails on a step with no drafts at all (`k.max()` of an
+empty tensor: every request prefilling, or past the draft's reach), so such a
+step skips the constraints, which have no draft rows to act on.
 
 Trees draw the target's token at every tree row with vLLM's `Sampler`,
 given its sampling metadata with one row per tree row (the request's
@@ -68,6 +71,16 @@ def tree_mode_refusal(params) -> tuple[str, object] | None:
     if params.bad_words:
         return "bad_words", params.bad_words
     return None
+
+
+def wrap_apply_sampling_constraints(original):
+    @functools.wraps(original)
+    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        if ACTIVE["worker"] and logits.is_cpu and logits.shape[0] == 0:
+            return logits
+        return original(logits, cu_num_draft_tokens, sampling_metadata)
+
+    return apply_sampling_constraints
 
 
 def wrap_validate_params(original):
