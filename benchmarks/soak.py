@@ -1,0 +1,303 @@
+"""Soak: drive vLLM's OpenAI server running `method: specextend` with many
+concurrent requests, then check that it held up.
+
+    python benchmarks/soak.py [--requests 1000] [--concurrency 16]
+
+The load, on the built-in tiny pair (draft positions 2,048, target 4,096):
+prompts from GovReport text (benchmarks/data), short, medium and past the
+draft's positions, half of them behind one of a few shared prefixes (prefix
+caching on); greedy and sampled; streamed and not, with some streaming
+clients hanging up after two chunks; a KV cache of a few blocks, so that
+requests are preempted; chunked prefill. Afterwards a target-only server with
+the same settings replays the greedy requests that were not aborted.
+
+Checks (exit 1 if any fails): every request not aborted by its client
+completed with all its tokens; greedy ids equal target-only; /health never
+failed; the plugin holds no per-request state once all requests are done
+(the dev server's /collective_rpc "specextend_state"); preemptions, prefix
+cache hits and speculation all happened. Writes JSON with the counts and the
+worker's memory before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from machine import machine
+from openai_server import openai_server
+
+BENCHMARKS = Path(__file__).parent
+DOCUMENTS = BENCHMARKS / "data" / "govreport" / "govreport_8K.jsonl"
+MAX_MODEL_LEN = 4096
+# (share, shortest, longest) prompt lengths; the draft reads 2,048 positions.
+LENGTH_CLASSES = ((0.3, 32, 300), (0.45, 300, 1800), (0.25, 2100, 4000))
+SHARED_PREFIX_LEN = 512
+# Outputs long enough that running requests outgrow a small cache (vLLM
+# admits a request when its prompt fits, so preemption comes from growth).
+MAX_TOKENS_RANGE = (16, 96)
+REQUEST_TIMEOUT_S = 900
+
+
+@dataclass
+class SoakRequest:
+    index: int
+    prompt: list[int]
+    max_tokens: int
+    greedy: bool
+    stream: bool
+    hang_up_after_chunks: int | None  # a client that disconnects mid-stream
+
+    def body(self, model: str) -> dict:
+        # No `seed`: vLLM 0.32's CPU runner fails on a seeded request whose
+        # prompt is split by chunked prefill ("CPU Generator does not use
+        # offset"), with or without speculation.
+        sampling = {"temperature": 0.0} if self.greedy else {"temperature": 0.8, "top_p": 0.95}
+        return {"model": model, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                "ignore_eos": True, "return_token_ids": True, "stream": self.stream,
+                **sampling}
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed", "aborted" (by its client) or "failed"
+    token_ids: list[int]
+    detail: str = ""
+
+
+def build_requests(token_ids_of, count: int, seed: int) -> list[SoakRequest]:
+    rng = random.Random(seed)
+    documents = [token_ids_of(json.loads(line)["text"])
+                 for line in DOCUMENTS.read_text().splitlines()]
+    prefixes = [document[:SHARED_PREFIX_LEN] for document in documents[:4]]
+    soak_requests = []
+    for index in range(count):
+        max_tokens = rng.randint(*MAX_TOKENS_RANGE)
+        shares, lows, highs = zip(*LENGTH_CLASSES)
+        [(low, high)] = rng.choices(list(zip(lows, highs)), weights=shares)
+        length = min(rng.randint(low, high), MAX_MODEL_LEN - max_tokens)
+        prefix = rng.choice(prefixes) if rng.random() < 0.5 else []
+        document = rng.choice(documents)
+        start = rng.randrange(len(document) - length)
+        prompt = (prefix + document[start:start + length])[:length]
+        stream = rng.random() < 0.5
+        hang_up = 2 if stream and rng.random() < 0.2 else None
+        soak_requests.append(SoakRequest(index, prompt, max_tokens, rng.random() < 0.6,
+                                         stream, hang_up))
+    return soak_requests
+
+
+def send(base: str, model: str, request: SoakRequest) -> Outcome:
+    try:
+        response = requests.post(f"{base}/v1/completions", json=request.body(model),
+                                 stream=request.stream, timeout=REQUEST_TIMEOUT_S)
+        if response.status_code != 200:
+            return Outcome("failed", [], f"HTTP {response.status_code}: {response.text[:300]}")
+        if not request.stream:
+            [choice] = response.json()["choices"]
+            return _finished(request, choice["token_ids"], choice["finish_reason"])
+        token_ids, finish_reason = [], None
+        with response:
+            for chunks, line in enumerate(response.iter_lines()):
+                if request.hang_up_after_chunks is not None and chunks >= request.hang_up_after_chunks:
+                    return Outcome("aborted", token_ids)
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[len(b"data: "):])
+                if "error" in event:
+                    return Outcome("failed", token_ids, f"stream error: {event['error']}")
+                for choice in event["choices"]:
+                    token_ids += choice.get("token_ids") or []
+                    finish_reason = choice.get("finish_reason") or finish_reason
+        return _finished(request, token_ids, finish_reason)
+    except requests.RequestException as error:
+        return Outcome("failed", [], repr(error))
+
+
+def _finished(request: SoakRequest, token_ids: list[int], finish_reason) -> Outcome:
+    if finish_reason != "length" or len(token_ids) != request.max_tokens:
+        return Outcome("failed", token_ids,
+                       f"finish_reason={finish_reason}, {len(token_ids)} of {request.max_tokens} tokens")
+    return Outcome("completed", token_ids)
+
+
+def run_load(base: str, model: str, soak_requests: list[SoakRequest],
+             concurrency: int) -> list[Outcome]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda request: send(base, model, request), soak_requests))
+
+
+class HealthWatch:
+    """Polls /health every second while the load runs."""
+
+    def __init__(self, base: str):
+        self.base, self.polls, self.failures = base, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stop.wait(1.0):
+            self.polls += 1
+            try:
+                status = requests.get(f"{self.base}/health", timeout=30).status_code
+            except requests.RequestException as error:
+                status = repr(error)
+            if status != 200:
+                self.failures.append(str(status))
+
+
+def counters(base: str) -> dict[str, float]:
+    """vLLM's Prometheus counters (summed over label sets)."""
+    totals: dict[str, float] = {}
+    for line in requests.get(f"{base}/metrics", timeout=30).text.splitlines():
+        match = re.match(r"^(vllm:[a-z_]+_total)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
+    return totals
+
+
+def plugin_state(base: str, settle_s: float = 120.0) -> dict:
+    """The worker's `specextend_state` once vLLM holds no request (aborted
+    streams are released asynchronously)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        response = requests.post(f"{base}/collective_rpc", timeout=60,
+                                 json={"method": "specextend_state"})
+        response.raise_for_status()
+        [state] = response.json()["results"]
+        if state.get("vllm_requests", 0) == 0 or time.monotonic() > deadline:
+            return state
+        time.sleep(1.0)
+
+
+def server_args(kv_blocks: int, max_num_seqs: int) -> list[str]:
+    return ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+            "--gpu-memory-utilization", "0.1", "--enable-prefix-caching",
+            "--max-num-batched-tokens", "512", "--max-num-seqs", str(max_num_seqs),
+            "--num-gpu-blocks-override", str(kv_blocks)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=130,
+                        help="KV cache blocks (32 tokens each on CPU): a few more than "
+                             "one longest request needs, to force preemption")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path,
+                        default=BENCHMARKS / "results" / "soak_tiny_cpu.json")
+    parser.add_argument("--log-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "specextend-soak")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from vllm_specextend.models.tiny import build_tiny_pair
+
+    pair = build_tiny_pair()
+    tokenizer = AutoTokenizer.from_pretrained(pair.target)
+    soak_requests = build_requests(
+        lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+        args.requests, args.seed)
+    speculative_config = {"method": "specextend", "model": pair.draft,
+                          "num_speculative_tokens": args.num_speculative_tokens}
+    base_args = server_args(args.kv_blocks, args.concurrency)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    logs = args.log_dir / "soak"
+    print(f"server logs: {logs}.*.log", flush=True)
+    print(f"{len(soak_requests)} requests, {args.concurrency} at a time", flush=True)
+
+    with openai_server(pair.target,
+                       [*base_args, "--speculative-config", json.dumps(speculative_config)],
+                       Path(f"{logs}.specextend.log"), VLLM_SERVER_DEV_MODE="1") as base:
+        state_before = plugin_state(base)
+        started = time.monotonic()
+        with HealthWatch(base) as health:
+            outcomes = run_load(base, pair.target, soak_requests, args.concurrency)
+        load_s = time.monotonic() - started
+        state_after = plugin_state(base)
+        totals = counters(base)
+
+    replayed = [request for request, outcome in zip(soak_requests, outcomes)
+                if request.greedy and outcome.status == "completed"]
+    with openai_server(pair.target, base_args, Path(f"{logs}.target_only.log")) as base:
+        reference = run_load(base, pair.target,
+                             [SoakRequest(r.index, r.prompt, r.max_tokens, True, False, None)
+                              for r in replayed], args.concurrency)
+    outcome_of = dict(zip((r.index for r in soak_requests), outcomes))
+    greedy_mismatches = [r.index for r, ref in zip(replayed, reference)
+                         if outcome_of[r.index].token_ids != ref.token_ids]
+
+    statuses = [outcome.status for outcome in outcomes]
+    failures = [{"index": i, "detail": o.detail} for i, o in enumerate(outcomes)
+                if o.status == "failed"]
+    leftover = {key: state_after.get(key) for key in
+                ("vllm_requests", "working_cache_holders", "proposed_trees")}
+    checks = {
+        "every_request_not_aborted_completed": not failures,
+        "greedy_equal_target_only": not greedy_mismatches and bool(replayed),
+        "server_stayed_healthy": not health.failures and health.polls > 0,
+        "plugin_state_empty_after": state_after.get("specextend") is True
+                                    and not any(leftover.values()),
+        "preempted": totals.get("vllm:num_preemptions_total", 0) > 0,
+        "prefix_cache_hit": totals.get("vllm:prefix_cache_hits_total", 0) > 0,
+        "speculated": totals.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0,
+    }
+    drafts = totals.get("vllm:spec_decode_num_drafts_total", 0)
+    report = {
+        "machine": machine(),
+        "settings": {**vars(args), "output": str(args.output), "log_dir": str(args.log_dir),
+                     "speculative_config": speculative_config, "server_args": base_args},
+        "requests": len(soak_requests),
+        "completed": statuses.count("completed"),
+        "aborted_by_client": statuses.count("aborted"),
+        "failed": failures[:20],
+        "greedy_compared": len(replayed),
+        "greedy_mismatches": greedy_mismatches,
+        "sampled_completed": sum(not r.greedy and o.status == "completed"
+                                 for r, o in zip(soak_requests, outcomes)),
+        "long_prompts_past_draft_positions": sum(len(r.prompt) > 2048 for r in soak_requests),
+        "health_polls": health.polls,
+        "health_failures": health.failures[:20],
+        "preemptions": totals.get("vllm:num_preemptions_total", 0),
+        "prefix_cache_hits_tokens": totals.get("vllm:prefix_cache_hits_total", 0),
+        "mean_accepted_length": (1 + totals.get("vllm:spec_decode_num_accepted_tokens_total", 0)
+                                 / drafts) if drafts else None,
+        "plugin_state_before": state_before,
+        "plugin_state_after": state_after,
+        "worker_rss_growth_mib": (state_after["rss_bytes"] - state_before["rss_bytes"]) / 2**20,
+        "load_seconds": round(load_s, 1),
+        "checks": checks,
+    }
+    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({key: report[key] for key in
+                      ("completed", "aborted_by_client", "greedy_compared", "preemptions",
+                       "prefix_cache_hits_tokens", "mean_accepted_length",
+                       "worker_rss_growth_mib", "load_seconds", "checks")}, indent=1))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
