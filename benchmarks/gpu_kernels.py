@@ -113,6 +113,16 @@ class Bench:
         return cache[table[row, positions // BLOCK_SIZE].long(), positions % BLOCK_SIZE]
 
 
+def attention_cases(bench: Bench, shapes: dict, batches=None):
+    """(model, (heads, kv_heads, head_dim), dtype, context, batch) for every
+    attention shape of the sweep (or of `batches`), half precisions both."""
+    for model, head_shape in shapes["models"].items():
+        for dtype in (bench.torch.float16, bench.torch.bfloat16):
+            for context in shapes["contexts"]:
+                for batch in batches or shapes["batches"]:
+                    yield model, head_shape, dtype, context, batch
+
+
 def chunk_scoring(bench: Bench, shapes: dict, results: dict) -> None:
     torch = bench.torch
     from vllm_specextend.retrieval.chunk_scores import (
@@ -121,41 +131,39 @@ def chunk_scoring(bench: Bench, shapes: dict, results: dict) -> None:
         chunk_scores_reference,
     )
 
-    for model, (heads, kv_heads, head_dim) in shapes["models"].items():
-        for dtype in (torch.float16, torch.bfloat16):
-            for context in shapes["contexts"]:
-                for batch in shapes["batches"]:
-                    keys, _, table = bench.paged(batch, context, kv_heads, head_dim, dtype)
-                    query = bench.randn(batch, heads, head_dim, dtype=dtype)
-                    lens = torch.full((batch,), context, dtype=torch.int32, device=bench.device)
-                    chunk = 32
-                    args = (query, keys, table, lens, BLOCK_SIZE, chunk)
+    cases = attention_cases(bench, shapes)
+    for model, (heads, kv_heads, head_dim), dtype, context, batch in cases:
+        keys, _, table = bench.paged(batch, context, kv_heads, head_dim, dtype)
+        query = bench.randn(batch, heads, head_dim, dtype=dtype)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=bench.device)
+        chunk = 32
+        args = (query, keys, table, lens, BLOCK_SIZE, chunk)
 
-                    def kernel():
-                        return chunk_scores(*args, max_len=context)
+        def kernel():
+            return chunk_scores(*args, max_len=context)
 
-                    expected = chunk_scores_reference(*args)
-                    error = (kernel() - expected).abs().max().item()
-                    # Half-precision products: 1% of the largest chunk score.
-                    tolerance = 1e-2 * expected.max().item()
-                    case = dict(kernel="chunk_scores", model=model, dtype=str(dtype)[6:],
-                                context=context, batch=batch, max_abs_error=error,
-                                passed=error <= tolerance)
-                    results["correctness"].append(case)
+        expected = chunk_scores_reference(*args)
+        error = (kernel() - expected).abs().max().item()
+        # Half-precision products: 1% of the largest chunk score.
+        tolerance = 1e-2 * expected.max().item()
+        case = dict(kernel="chunk_scores", model=model, dtype=str(dtype)[6:],
+                    context=context, batch=batch, max_abs_error=error,
+                    passed=error <= tolerance)
+        results["correctness"].append(case)
 
-                    def gathered_dense():
-                        stacked = torch.stack([bench.gathered(keys, table, row, context)
-                                               for row in range(batch)])
-                        return chunk_scores_dense(query, stacked, lens, chunk)
+        def gathered_dense():
+            stacked = torch.stack([bench.gathered(keys, table, row, context)
+                                   for row in range(batch)])
+            return chunk_scores_dense(query, stacked, lens, chunk)
 
-                    key_bytes = batch * context * kv_heads * head_dim * keys.element_size()
-                    timing = dict(kernel="chunk_scores", model=model, dtype=case["dtype"],
-                                  context=context, batch=batch, seconds={
-                                      "triton": bench.seconds(kernel),
-                                      "torch_dense_with_gather": bench.seconds(gathered_dense)},
-                                  bandwidth_bound_s=key_bytes / results["copy_bandwidth"])
-                    results["timings"].append(timing)
-                    print(json.dumps(timing), flush=True)
+        key_bytes = batch * context * kv_heads * head_dim * keys.element_size()
+        timing = dict(kernel="chunk_scores", model=model, dtype=case["dtype"],
+                      context=context, batch=batch, seconds={
+                          "triton": bench.seconds(kernel),
+                          "torch_dense_with_gather": bench.seconds(gathered_dense)},
+                      bandwidth_bound_s=key_bytes / results["copy_bandwidth"])
+        results["timings"].append(timing)
+        print(json.dumps(timing), flush=True)
 
 
 def tree_inputs(bench: Bench, nodes: int, batch: int, context: int, heads, kv_heads,
@@ -191,45 +199,41 @@ def tree_attention(bench: Bench, shapes: dict, results: dict) -> None:
         tree_part_attention,
     )
 
-    for model, (heads, kv_heads, head_dim) in shapes["models"].items():
-        for dtype in (torch.float16, torch.bfloat16):
-            for context in shapes["contexts"]:
-                for batch in shapes["batches"]:
-                    if batch == 32 and context > TREE_BATCH_32_MAX_CONTEXT and not bench.smoke:
-                        continue
-                    for nodes in shapes["trees"]:
-                        case = tree_inputs(bench, nodes, batch, context, heads, kv_heads,
-                                           head_dim, dtype, seed=nodes)
-                        scale = head_dim ** -0.5
-                        common = (case["query"], case["key_cache"], case["value_cache"],
-                                  case["block_table"], case["prefix_lens"])
-                        expected = tree_attention_reference(
-                            *common, case["tree_start_loc"], case["tree_masks"], BLOCK_SIZE)
+    cases = attention_cases(bench, shapes)
+    for model, (heads, kv_heads, head_dim), dtype, context, batch in cases:
+        if batch == 32 and context > TREE_BATCH_32_MAX_CONTEXT and not bench.smoke:
+            continue
+        for nodes in shapes["trees"]:
+            case = tree_inputs(bench, nodes, batch, context, heads, kv_heads,
+                               head_dim, dtype, seed=nodes)
+            scale = head_dim ** -0.5
+            common = (case["query"], case["key_cache"], case["value_cache"],
+                      case["block_table"], case["prefix_lens"])
+            expected = tree_attention_reference(
+                *common, case["tree_start_loc"], case["tree_masks"], BLOCK_SIZE)
 
-                        def hta():
-                            return hybrid_tree_attention(
-                                *common, case["tree_start_loc"], case["tree_masks"],
-                                BLOCK_SIZE, max_prefix_len=context)
+            def hta():
+                return hybrid_tree_attention(
+                    *common, case["tree_start_loc"], case["tree_masks"],
+                    BLOCK_SIZE, max_prefix_len=context)
 
-                        rows = node_rows_of(case["tree_start_loc"], batch * nodes)
-                        prefix = prefix_attention(*common, case["tree_start_loc"], context,
-                                                  BLOCK_SIZE, scale)
-                        tree = tree_part_attention(*common, case["tree_start_loc"], rows,
-                                                   case["tree_masks"], BLOCK_SIZE, scale)
-                        merged, _ = merge_attention_states(*prefix, *tree)
-                        error = (hta().float() - expected.float()).abs().max().item()
-                        parts = (merged - expected.float()).abs().max().item()
-                        tolerance = TOLERANCE[str(dtype)[6:]]
-                        results["correctness"].append(dict(
-                            kernel="hybrid_tree_attention (prefix + tree part + merge)",
-                            model=model, dtype=str(dtype)[6:], context=context, batch=batch,
-                            nodes=nodes, max_abs_error=max(error, parts),
-                            passed=max(error, parts) <= tolerance))
-                        if batch == 1:
-                            time_tree_attention(bench, case, hta, model, dtype, context,
-                                                nodes, results)
-                draft_tree(bench, model, heads, kv_heads, head_dim, dtype, context, shapes,
-                           results)
+            rows = node_rows_of(case["tree_start_loc"], batch * nodes)
+            prefix = prefix_attention(*common, case["tree_start_loc"], context,
+                                      BLOCK_SIZE, scale)
+            tree = tree_part_attention(*common, case["tree_start_loc"], rows,
+                                       case["tree_masks"], BLOCK_SIZE, scale)
+            merged, _ = merge_attention_states(*prefix, *tree)
+            error = (hta().float() - expected.float()).abs().max().item()
+            parts = (merged - expected.float()).abs().max().item()
+            tolerance = TOLERANCE[str(dtype)[6:]]
+            results["correctness"].append(dict(
+                kernel="hybrid_tree_attention (prefix + tree part + merge)",
+                model=model, dtype=str(dtype)[6:], context=context, batch=batch,
+                nodes=nodes, max_abs_error=max(error, parts),
+                passed=max(error, parts) <= tolerance))
+            if batch == 1:
+                time_tree_attention(bench, case, hta, model, dtype, context,
+                                    nodes, results)
 
 
 def time_tree_attention(bench, case, hta, model, dtype, context, nodes, results) -> None:
@@ -295,35 +299,38 @@ def flex_attention_call(bench, query, keys, values, context, masks, nodes):
     return lambda: attend(query, keys, values, block_mask=block_mask, enable_gqa=True)
 
 
-def draft_tree(bench, model, heads, kv_heads, head_dim, dtype, context, shapes, results):
-    """The draft's tree attention over a working set of min(context, 2K)."""
+def draft_tree(bench: Bench, shapes: dict, results: dict) -> None:
+    """The draft's tree attention over a working set of min(context, 2K),
+    two trees of depth 8."""
     torch = bench.torch
     from vllm_specextend.attention.draft_tree_attention import (
         draft_tree_attention,
         draft_tree_attention_reference,
     )
 
-    working = min(context, 2048)
-    for nodes in shapes["trees"]:
-        batch, depth = 2, 8
-        path_lens = torch.randint(1, depth + 1, (batch * nodes,), device=bench.device,
-                                  generator=bench.generator)
-        inputs = dict(
-            query=bench.randn(batch * nodes, heads, head_dim, dtype=dtype),
-            context_keys=bench.randn(batch, working, kv_heads, head_dim, dtype=dtype),
-            context_values=bench.randn(batch, working, kv_heads, head_dim, dtype=dtype),
-            context_lens=torch.full((batch,), working, device=bench.device),
-            query_start_loc=torch.arange(batch + 1, device=bench.device) * nodes,
-            path_keys=bench.randn(batch * nodes, depth, kv_heads, head_dim, dtype=dtype),
-            path_values=bench.randn(batch * nodes, depth, kv_heads, head_dim, dtype=dtype),
-            path_lens=path_lens)
-        out, _ = draft_tree_attention(**inputs)
-        expected, _ = draft_tree_attention_reference(**inputs)
-        error = (out.float() - expected.float()).abs().max().item()
-        results["correctness"].append(dict(
-            kernel="draft_tree_attention", model=model, dtype=str(dtype)[6:], context=working,
-            batch=batch, nodes=nodes, max_abs_error=error,
-            passed=error <= TOLERANCE[str(dtype)[6:]]))
+    depth = 8
+    cases = attention_cases(bench, shapes, batches=(2,))
+    for model, (heads, kv_heads, head_dim), dtype, context, batch in cases:
+        working = min(context, 2048)
+        for nodes in shapes["trees"]:
+            path_lens = torch.randint(1, depth + 1, (batch * nodes,), device=bench.device,
+                                      generator=bench.generator)
+            inputs = dict(
+                query=bench.randn(batch * nodes, heads, head_dim, dtype=dtype),
+                context_keys=bench.randn(batch, working, kv_heads, head_dim, dtype=dtype),
+                context_values=bench.randn(batch, working, kv_heads, head_dim, dtype=dtype),
+                context_lens=torch.full((batch,), working, device=bench.device),
+                query_start_loc=torch.arange(batch + 1, device=bench.device) * nodes,
+                path_keys=bench.randn(batch * nodes, depth, kv_heads, head_dim, dtype=dtype),
+                path_values=bench.randn(batch * nodes, depth, kv_heads, head_dim, dtype=dtype),
+                path_lens=path_lens)
+            out, _ = draft_tree_attention(**inputs)
+            expected, _ = draft_tree_attention_reference(**inputs)
+            error = (out.float() - expected.float()).abs().max().item()
+            results["correctness"].append(dict(
+                kernel="draft_tree_attention", model=model, dtype=str(dtype)[6:], context=working,
+                batch=batch, nodes=nodes, max_abs_error=error,
+                passed=error <= TOLERANCE[str(dtype)[6:]]))
 
 
 def compass(bench: Bench, shapes: dict, results: dict) -> None:
@@ -457,6 +464,7 @@ def main() -> None:
                "compass": {}}
     chunk_scoring(bench, shapes, results)
     tree_attention(bench, shapes, results)
+    draft_tree(bench, shapes, results)
     compass(bench, shapes, results)
     failed = [c for c in results["correctness"] if not c["passed"]]
     results["all_correct"] = not failed
