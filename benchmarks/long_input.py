@@ -128,16 +128,24 @@ def run_method(job: dict) -> None:
 
 
 def check_against_ar(out: Path) -> int:
-    records = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"]
+    """Greedy outputs against ar's on the same sample: the number that differ
+    in a float32 run (a bug). In half precision the batch shapes of
+    verification change the rounding, so stock speculation diverges from ar
+    too: those differences are printed and not counted."""
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    exact = lines[0]["dtype"] == "float32"
+    records = [r for r in lines if r.get("kind") == "sample"]
     reference = {(r["input"], r["sample"], r["run"]): r["token_ids"]
                  for r in records if r["method"] == "ar"}
     mismatches = 0
     for r in records:
         expected = reference.get((r["input"], r["sample"], r["run"]))
         if r["method"] != "ar" and expected is not None and r["token_ids"] != expected:
-            mismatches += 1
+            mismatches += exact
+            verdict = ("greedy speculation must be lossless: this is a bug" if exact else
+                       f"{lines[0]['dtype']} rounding; lossless checks need float32")
             print(f"!!! OUTPUT MISMATCH vs ar: {r['method']} {r['input']} sample {r['sample']} "
-                  f"-- greedy speculation must be lossless: this is a bug", flush=True)
+                  f"-- {verdict}", flush=True)
     return mismatches
 
 
