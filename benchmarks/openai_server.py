@@ -9,6 +9,7 @@ as `vllm serve`.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,6 +66,16 @@ def openai_server(model: str, args: list[str], log_path: Path, **env: str):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def counters(base: str) -> dict[str, float]:
+    """vLLM's Prometheus counters (summed over label sets)."""
+    totals: dict[str, float] = {}
+    for line in requests.get(f"{base}/metrics", timeout=30).text.splitlines():
+        match = re.match(r"^(vllm:[a-z_]+_total)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
+    return totals
 
 
 def _healthy(base: str) -> bool:

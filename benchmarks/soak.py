@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from pathlib import Path
 import requests
 
 from machine import machine
-from openai_server import openai_server
+from openai_server import counters, openai_server
 
 BENCHMARKS = Path(__file__).parent
 DOCUMENTS = BENCHMARKS / "data" / "govreport" / "govreport_8K.jsonl"
@@ -163,16 +162,6 @@ class HealthWatch:
                 status = repr(error)
             if status != 200:
                 self.failures.append(str(status))
-
-
-def counters(base: str) -> dict[str, float]:
-    """vLLM's Prometheus counters (summed over label sets)."""
-    totals: dict[str, float] = {}
-    for line in requests.get(f"{base}/metrics", timeout=30).text.splitlines():
-        match = re.match(r"^(vllm:[a-z_]+_total)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if match:
-            totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
-    return totals
 
 
 def plugin_state(base: str, settle_s: float = 120.0) -> dict:
