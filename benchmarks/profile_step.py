@@ -15,8 +15,10 @@ functions directly: `Scheduler.schedule`, `GPUModelRunner._model_forward`
 drafting round) and its draft model's forward calls, and the plugin's
 refresh (`SpecExtendDrafting._refresh`; `CrossModelRetrieval.refresh` in
 the code before the working cache). "plugin glue" is the drafting round
-less its draft forwards and refreshes. Steps are averaged over the decode
-steps (the prefill step is left out). PYTHONPATH can point at another
+less its draft forwards and refreshes. Times are kept per engine step and
+averaged over the decode steps: the prompt runs alone first (max_tokens=1,
+also the warm-up) to count its prefill steps, and the decoding run's steps
+after that many are its decode steps. PYTHONPATH can point at another
 checkout of the plugin to profile it the same way ("before").
 """
 
@@ -39,19 +41,29 @@ PARTS = ("scheduler", "target forward", "sampler", "draft forwards", "refresh",
          "plugin glue", "other")
 
 
-def timed(owner, name: str, part: str, totals: dict, counts: dict):
-    original = getattr(owner, name)
+class StepTimes:
+    """Seconds per part, kept per engine step (vLLM runs in this process, so
+    every timed part runs inside `LLMEngine.step`)."""
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals[part] += time.perf_counter() - start
-            counts[part] += 1
+    def __init__(self):
+        self.steps: list[collections.Counter] = []
 
-    setattr(owner, name, wrapper)
+    def time(self, owner, name: str, part: str) -> None:
+        original = getattr(owner, name)
+        starts_a_step = part == "step"
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            if starts_a_step:
+                self.steps.append(collections.Counter())
+            step = self.steps[-1] if self.steps else collections.Counter()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                step[part] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
 
 
 def profile(job: dict) -> dict:
@@ -65,22 +77,22 @@ def profile(job: dict) -> dict:
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    totals, counts = collections.Counter(), collections.Counter()
-    timed(Scheduler, "schedule", "scheduler", totals, counts)
-    timed(GPUModelRunner, "_model_forward", "target forward", totals, counts)
-    timed(GPUModelRunner, "_sample", "sampler", totals, counts)
-    timed(LLMEngine, "step", "step", totals, counts)
+    times = StepTimes()
+    times.time(Scheduler, "schedule", "scheduler")
+    times.time(GPUModelRunner, "_model_forward", "target forward")
+    times.time(GPUModelRunner, "_sample", "sampler")
+    times.time(LLMEngine, "step", "step")
     try:  # the plugin's refresh, in this checkout or the one before it
         from vllm_specextend.vllm_glue.draft_model import SpecExtendDrafting
-        timed(SpecExtendDrafting, "_refresh", "refresh", totals, counts)
+        times.time(SpecExtendDrafting, "_refresh", "refresh")
     except ImportError:
         from vllm_specextend.vllm_glue.cross_model_retrieval import CrossModelRetrieval
-        timed(CrossModelRetrieval, "refresh", "refresh", totals, counts)
+        times.time(CrossModelRetrieval, "refresh", "refresh")
     load_model = SpecDecodeBaseProposer.load_model
 
     def load_and_time(self, *args, **kwargs):
         load_model(self, *args, **kwargs)
-        timed(self.model, "forward", "draft forwards", totals, counts)
+        times.time(self.model, "forward", "draft forwards")
 
     SpecDecodeBaseProposer.load_model = load_and_time
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
@@ -88,25 +100,27 @@ def profile(job: dict) -> dict:
               gpu_memory_utilization=0.1, enable_prefix_caching=False, enforce_eager=True,
               seed=0, max_num_seqs=4, distributed_executor_backend="uni")
     # The proposer's propose is patched by the plugin at load: time it after.
-    timed(SpecDecodeBaseProposer, "propose", "drafting round", totals, counts)
+    times.time(SpecDecodeBaseProposer, "propose", "drafting round")
     tokenizer = llm.get_tokenizer()
     text = tokenizer.apply_chat_template([{"role": "user", "content": job["text"]}],
                                          tokenize=False, add_generation_prompt=True)
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    llm.generate([text], params, use_tqdm=False)  # prefill alone, to subtract
-    prefill = dict(totals), dict(counts)
+    # The prompt alone first (a warm-up, and how many steps its prefill takes);
+    # then the same request decoding: its steps after that many are decode steps.
+    llm.generate([text], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    prefill_steps, first = len(times.steps), len(times.steps)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     [output] = llm.generate([text], params, use_tqdm=False)
-    decode = {part: totals[part] - 2 * prefill[0].get(part, 0) for part in totals}
-    steps = counts["step"] - 2 * prefill[1].get("step", 0)
-    per_step = {part: 1e3 * seconds / steps for part, seconds in decode.items()}
+    decode_steps = times.steps[first + prefill_steps:]
+    total = sum(decode_steps, collections.Counter())
+    per_step = {part: 1e3 * seconds / len(decode_steps) for part, seconds in total.items()}
     drafting = per_step.pop("drafting round", 0.0)
     per_step["plugin glue"] = drafting - per_step.get("draft forwards", 0.0) - per_step.get(
         "refresh", 0.0)
     step = per_step.pop("step")
     per_step["other"] = step - sum(per_step.values())
-    return {"prompt_tokens": len(output.prompt_token_ids), "decode_steps": steps,
-            "step_ms": step, "ms_per_step": {part: per_step.get(part, 0.0) for part in PARTS},
+    return {"prompt_tokens": len(output.prompt_token_ids), "prefill_steps": prefill_steps,
+            "decode_steps": len(decode_steps), "step_ms": step,
+            "ms_per_step": {part: per_step.get(part, 0.0) for part in PARTS},
             "new_tokens": len(output.outputs[0].token_ids)}
 
 

@@ -77,3 +77,16 @@ def test_gpu_kernels_smoke(tmp_path):
                        "draft_tree_attention"}
     assert {"hta_vs_decode", "cmr_refresh"} <= set(results["compass"])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_profile_step_smoke(tmp_path):
+    """Every part of a decode step is a non-negative share of the step."""
+    out = tmp_path / "profile.json"
+    run("profile_step.py", "--pair", "tiny", "--inputs", HAYSTACK, "--methods", "specextend",
+        "--max-new-tokens", 8, "--out", out)
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["decode_steps"] > 0 and row["new_tokens"] == 8
+    parts = row["ms_per_step"]
+    assert all(ms >= 0 for ms in parts.values()), parts
+    assert parts["target forward"] > 0 and parts["draft forwards"] > 0
+    assert abs(sum(parts.values()) - row["step_ms"]) < 1e-6 * max(row["step_ms"], 1)
