@@ -89,4 +89,3 @@ def test_profile_step_smoke(tmp_path):
     parts = row["ms_per_step"]
     assert all(ms >= 0 for ms in parts.values()), parts
     assert parts["target forward"] > 0 and parts["draft forwards"] > 0
-    assert abs(sum(parts.values()) - row["step_ms"]) < 1e-6 * max(row["step_ms"], 1)
