@@ -7,7 +7,9 @@ length, per method, side by side (in the spirit of `vllm bench`).
         --methods ar draft_model specextend "specextend[retrieval=false]" \
         --out benchmarks/results/long_input_cpu.json [--resume]
 
-Methods run one after another, each in a fresh engine process:
+Methods run one after another, each in a fresh engine process (with
+--interleave, one engine per method and sample, the methods taking turns on
+each sample, so that a slow spell of the machine falls on all of them):
   ar                    target only
   draft_model           stock vLLM speculation, same draft and k
   eagle3                stock vLLM EAGLE-3 speculation (--draft: the head)
@@ -76,6 +78,20 @@ def done_keys(out: Path) -> set[tuple]:
         return set()
     return {(r["method"], r["input"], r["sample"], r["run"])
             for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"}
+
+
+def plan_engines(methods: list[str], items: list[dict], done: set[tuple],
+                 interleave: bool) -> list[tuple[str, list[dict]]]:
+    """(method, items) per engine, in run order, without what is done: one
+    engine per method, or with `interleave` one per method and item, the
+    methods in turn on each item."""
+    if interleave:
+        engines = [(method, [item]) for item in items for method in methods]
+    else:
+        engines = [(method, items) for method in methods]
+    return [(method, [item for item in batch
+                      if (method, item["input"], item["sample"], item["run"]) not in done])
+            for method, batch in engines]
 
 
 def run_method(job: dict) -> None:
@@ -171,6 +187,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="skip torch.compile (minutes per engine on small CPUs); "
                              "applies to every method alike")
+    parser.add_argument("--interleave", action="store_true",
+                        help="a fresh engine per method and sample, methods in turn "
+                             "(for A/B timings on a noisy machine)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/long_input.jsonl"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -207,20 +226,19 @@ def main() -> None:
                   "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                   "enforce_eager": args.enforce_eager,
                   "chat_template": not args.no_chat_template,
+                  "interleaved": args.interleave,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         out.write_text(json.dumps(header) + "\n")
-    plan = {method: [{"input": Path(path).name, "sample": i, "run": run, "text": text}
-                     for path in args.inputs
-                     for i, text in enumerate(load_samples(path, args.samples))
-                     for run in range(args.runs)
-                     if (method, Path(path).name, i, run) not in done]
-            for method in args.methods}
-    total = sum(len(items) for items in plan.values())
-    progress = tqdm(total=total, desc="sweep", unit="sample")
-    for method, items in plan.items():
-        if not items:
+    items = [{"input": Path(path).name, "sample": i, "run": run, "text": text}
+             for path in args.inputs
+             for i, text in enumerate(load_samples(path, args.samples))
+             for run in range(args.runs)]
+    jobs = plan_engines(args.methods, items, done, args.interleave)
+    progress = tqdm(total=sum(len(batch) for _, batch in jobs), desc="sweep", unit="sample")
+    for method, batch in jobs:
+        if not batch:
             continue
-        job = {"method": method, "items": items, "target": target, "out": str(out),
+        job = {"method": method, "items": batch, "target": target, "out": str(out),
                "speculative_config": speculative_config(method, draft,
                                                         args.num_speculative_tokens),
                "max_model_len": args.max_model_len, "dtype": args.dtype,

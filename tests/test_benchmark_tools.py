@@ -65,6 +65,17 @@ def test_method_parsing():
         long_input.parse_method("draft_model[top_k_chunks=3]")
 
 
+def test_interleaved_engines_take_turns_and_skip_what_is_done():
+    items = [{"input": "a.jsonl", "sample": i, "run": 0} for i in range(2)]
+    done = {("ar", "a.jsonl", 0, 0)}
+    engines = long_input.plan_engines(["ar", "specextend"], items, done, interleave=True)
+    assert [(method, [i["sample"] for i in batch]) for method, batch in engines] == [
+        ("ar", []), ("specextend", [0]), ("ar", [1]), ("specextend", [1])]
+    engines = long_input.plan_engines(["ar", "specextend"], items, done, interleave=False)
+    assert [(method, [i["sample"] for i in batch]) for method, batch in engines] == [
+        ("ar", [1]), ("specextend", [0, 1])]
+
+
 @pytest.mark.parametrize("dtype, counted", [("float32", 1), ("bfloat16", 0)])
 def test_mismatch_against_ar_is_flagged(tmp_path, capsys, dtype, counted):
     """Counted (the run fails) in float32; printed with the reason in bf16."""
