@@ -124,6 +124,29 @@ def profile(job: dict) -> dict:
             "new_tokens": len(output.outputs[0].token_ids)}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """One stacked bar per profiled row: where a decode step's time goes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['input'].removesuffix('.jsonl')} {r['method']}"
+             + (f" ({r['label']})" if r["label"] else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
+    left = [0.0] * len(rows)
+    for index, part in enumerate(PARTS):
+        widths = [r["ms_per_step"][part] for r in rows]
+        ax.barh(names, widths, left=left, label=part, color=f"C{index}")
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step")
+    ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pair", choices=["tiny", "qwen-coder"], default="tiny")
@@ -177,6 +200,7 @@ def main() -> None:
                                "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
                                                                   "auto"),
                                "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

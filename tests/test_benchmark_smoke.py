@@ -89,3 +89,4 @@ def test_profile_step_smoke(tmp_path):
     parts = row["ms_per_step"]
     assert all(ms >= 0 for ms in parts.values()), parts
     assert parts["target forward"] > 0 and parts["draft forwards"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
