@@ -8,6 +8,7 @@ line per method) and NAME.md (a markdown table, speed also as a ratio to ar).
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -85,6 +86,10 @@ def table(header: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def dataset_of(row: dict) -> str:
+    return row["input"].split("_")[0]
+
+
 def plot(header: dict, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -92,10 +97,19 @@ def plot(header: dict, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (accepted_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for index, method in enumerate(sorted({r["method"] for r in rows})):
-        mine = [r for r in rows if r["method"] == method]
+    # One line per method and dataset ("govreport_8K.jsonl" -> "govreport"):
+    # a method's colour, a dataset's line style, the same in both panels.
+    datasets = sorted({dataset_of(r) for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    for (index, method), (number, dataset) in itertools.product(enumerate(methods),
+                                                               enumerate(datasets)):
+        mine = [r for r in rows if r["method"] == method and dataset_of(r) == dataset]
+        if not mine:
+            continue
         lengths = [r["prompt_tokens"] for r in mine]
-        style = {"marker": "o", "label": method, "color": f"C{index}"}  # same in both panels
+        label = method if len(datasets) == 1 else f"{method} ({dataset})"
+        style = {"marker": "os^"[number % 3], "linestyle": ["-", "--", ":"][number % 3],
+                 "label": label, "color": f"C{index}"}
         if method != "ar":
             accepted_ax.plot(lengths, [r["mean_accepted_length"] for r in mine], **style)
         speed_ax.plot(lengths, [r["decode_tokens_per_s"] for r in mine], **style)
@@ -105,7 +119,7 @@ def plot(header: dict, rows: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.suptitle(f"{Path(header['target']).parent.name} / {Path(header['draft']).parent.name}"
                  f" - {header['machine']}", fontsize=9)
     fig.tight_layout()
