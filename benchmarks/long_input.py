@@ -233,9 +233,9 @@ def main() -> None:
              for path in args.inputs
              for i, text in enumerate(load_samples(path, args.samples))
              for run in range(args.runs)]
-    jobs = plan_engines(args.methods, items, done, args.interleave)
-    progress = tqdm(total=sum(len(batch) for _, batch in jobs), desc="sweep", unit="sample")
-    for method, batch in jobs:
+    engines = plan_engines(args.methods, items, done, args.interleave)
+    progress = tqdm(total=sum(len(batch) for _, batch in engines), desc="sweep", unit="sample")
+    for method, batch in engines:
         if not batch:
             continue
         job = {"method": method, "items": batch, "target": target, "out": str(out),
