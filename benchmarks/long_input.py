@@ -73,10 +73,15 @@ def load_samples(path: str, count: int) -> list[str]:
         return [json.loads(line)["text"] for line in f][:count]
 
 
+def sample_key(method: str, item: dict) -> tuple:
+    """What identifies one measured sample in a results file."""
+    return method, item["input"], item["sample"], item["run"]
+
+
 def done_keys(out: Path) -> set[tuple]:
     if not out.exists():
         return set()
-    return {(r["method"], r["input"], r["sample"], r["run"])
+    return {sample_key(r["method"], r)
             for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "sample"}
 
 
@@ -89,8 +94,7 @@ def plan_engines(methods: list[str], items: list[dict], done: set[tuple],
         engines = [(method, [item]) for item in items for method in methods]
     else:
         engines = [(method, items) for method in methods]
-    return [(method, [item for item in batch
-                      if (method, item["input"], item["sample"], item["run"]) not in done])
+    return [(method, [item for item in batch if sample_key(method, item) not in done])
             for method, batch in engines]
 
 

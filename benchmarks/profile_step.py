@@ -107,10 +107,10 @@ def profile(job: dict) -> dict:
     # The prompt alone first (a warm-up, and how many steps its prefill takes);
     # then the same request decoding: its steps after that many are decode steps.
     llm.generate([text], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-    prefill_steps, first = len(times.steps), len(times.steps)
+    prefill_steps = len(times.steps)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     [output] = llm.generate([text], params, use_tqdm=False)
-    decode_steps = times.steps[first + prefill_steps:]
+    decode_steps = times.steps[2 * prefill_steps:]  # past the warm-up and its own prefill
     total = sum(decode_steps, collections.Counter())
     per_step = {part: 1e3 * seconds / len(decode_steps) for part, seconds in total.items()}
     drafting = per_step.pop("drafting round", 0.0)
