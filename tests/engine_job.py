@@ -156,8 +156,9 @@ def _record_attention_spans(worker):
     SpecExtend working cache."""
     from vllm import _custom_ops as ops
 
-    drafting = worker.model_runner.drafter.specextend
-    storages = {t.untyped_storage().data_ptr() for t in drafting.caches.storage.values()}
+    caches = worker.model_runner.drafter.specextend.caches
+    storages = set() if caches is None else {
+        t.untyped_storage().data_ptr() for t in caches.storage.values()}
     kernel = ops.cpu_attention_with_kv_cache
     calls = worker.specextend_attention_calls = []
 

@@ -80,8 +80,8 @@ def test_wrong_type_is_named():
         SpecExtendConfig.from_settings({"retrieval": "sometimes"})
 
 
-FIT = dict(block_size=16, draft_max_positions=2048, num_speculative_tokens=4,
-           draft_model_type="llama")
+FIT = dict(block_size=16, max_model_len=4096, draft_max_positions=2048,
+           num_speculative_tokens=4, draft_model_type="llama")
 
 
 def test_fits_default_engine():
@@ -91,6 +91,19 @@ def test_fits_default_engine():
 def test_chunk_not_multiple_of_block():
     with pytest.raises(SpecExtendConfigError, match=r"chunk_size=40 must be a multiple of the KV cache block size \(16\)"):
         SpecExtendConfig(chunk_size=40).check_fits_engine(**FIT)
+
+
+def test_retrieval_runs_only_where_a_request_can_pass_the_window():
+    """At max_model_len 2,024 (= retrieval_min_len) no request gets a working
+    cache and no draft query (its 4 drafts included) spans 2,048 positions:
+    no chunks to fit into blocks, no sliding window."""
+    settings = SpecExtendConfig(chunk_size=40)
+    geometry = settings.geometry(draft_max_positions=2048, num_speculative_tokens=4)
+    assert not settings.builds_working_caches(geometry, 2024)
+    assert settings.builds_working_caches(geometry, 2025)
+    assert not SpecExtendConfig(retrieval=False).builds_working_caches(geometry, 4096)
+    assert not geometry.window_binds(2044) and geometry.window_binds(2045)
+    settings.check_fits_engine(**{**FIT, "max_model_len": 2024})
 
 
 def test_working_cache_larger_than_the_draft_window():

@@ -68,6 +68,26 @@ def test_greedy_ids_equal_target_only(target_only, specextend_run):
         assert got == expected, f"prompt of {length} tokens diverged"
 
 
+def test_draft_within_its_window_runs_as_stock(tiny_pair, mixed_prompts, target_only, tmp_path):
+    """max_model_len 1,024 is within the tiny draft's 2,048 positions: the
+    engine keeps vLLM's CPU blocks of 128, sets no sliding window on the
+    draft's layers, builds no working cache, and stays lossless."""
+    prompts = [p for p in mixed_prompts if len(p) + MAX_NEW_TOKENS <= 1024]
+    speculative_config = {"method": "specextend", "model": tiny_pair.draft,
+                          "num_speculative_tokens": CHAIN_DRAFT_TOKENS}
+    job = {"model": tiny_pair.target, "prompts": prompts, "max_tokens": MAX_NEW_TOKENS,
+           "max_model_len": 1024, "speculative_config": speculative_config,
+           "record_attention_spans": True}
+    result, log = run_engine(job, tmp_path)
+    assert result["token_ids"] == target_only["token_ids"][: len(prompts)]
+    assert result["spec_decode"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    spans = result["attention_spans"]
+    assert spans["draft_windows"] == [] and spans["working_cache_calls"] == 0
+    assert "Cross-model Retrieval idle: max_model_len=1024 is within retrieval_min_len=2024" in log
+    assert re.search(r"SpecExtend settings \(worker\).* block_size=128", log)
+    assert "allocated at load, before vLLM sizes its KV cache: nothing" in log
+
+
 def test_retrieval_ran_and_drafts_were_accepted(specextend_run):
     result, log, variant = specextend_run
     counters = result["spec_decode"]

@@ -51,6 +51,11 @@ class WorkingCacheGeometry:
                 + self.chunk_size - 1 + self.tokens_between_refreshes
                 + self.positions_past_window)
 
+    def window_binds(self, max_model_len: int) -> bool:
+        """Whether a draft query can span more than `main_window` positions:
+        one at the last position a request reaches, drafts included."""
+        return max_model_len + self.positions_past_window > self.main_window
+
 
 class SpecExtendConfigError(ValueError):
     """A SpecExtend setting is wrong; the message names the field."""
@@ -176,10 +181,16 @@ class SpecExtendConfig(BaseModel):
             retrieval_min_len=self.retrieval_min_len or max(window - between - past, 1),
             main_window=window - depth)
 
+    def builds_working_caches(self, geometry: WorkingCacheGeometry, max_model_len: int) -> bool:
+        """Whether a request can pass `retrieval_min_len`; if none can, the
+        draft reads every request whole, as stock draft_model does."""
+        return self.retrieval and max_model_len > geometry.retrieval_min_len
+
     def check_fits_engine(
         self,
         *,
         block_size: int,
+        max_model_len: int,
         draft_max_positions: int,
         num_speculative_tokens: int,
         draft_model_type: str,
@@ -192,7 +203,10 @@ class SpecExtendConfig(BaseModel):
                 f"types (rotary position embeddings): "
                 f"{', '.join(sorted(SUPPORTED_DRAFT_MODEL_TYPES))}."
             )
-        if self.chunk_size % block_size != 0:
+        geometry = self.geometry(draft_max_positions=draft_max_positions,
+                                 num_speculative_tokens=num_speculative_tokens)
+        # Chunks are laid out as whole KV blocks, only where retrieval runs.
+        if self.builds_working_caches(geometry, max_model_len) and self.chunk_size % block_size:
             raise SpecExtendConfigError(
                 f"speculative_config.chunk_size={self.chunk_size} must be a "
                 f"multiple of the KV cache block size ({block_size}): allowed "
@@ -200,8 +214,7 @@ class SpecExtendConfig(BaseModel):
                 f"{3 * block_size}, ... (or set --block-size to a divisor of "
                 f"chunk_size)."
             )
-        return self.geometry(draft_max_positions=draft_max_positions,
-                             num_speculative_tokens=num_speculative_tokens)
+        return geometry
 
     def max_working_caches_for(self, max_num_seqs: int) -> int:
         return self.max_working_caches or min(max_num_seqs, DEFAULT_MAX_WORKING_CACHES)

@@ -6,7 +6,7 @@ lengthened to the target's length when the draft's is shorter) and vLLM's
 cache write (keys rotated for their true positions, at their true slots),
 and attends with vLLM's own backend, given a sliding window of
 `main_window` so that no query spans more positions than the draft was
-trained on. Its `impl.forward` is wrapped for the forwards SpecExtend plans:
+trained on (no window where max_model_len keeps every query within it). Its `impl.forward` is wrapped for the forwards SpecExtend plans:
 - `DraftStepPlan` (rows with working caches in the batch): the rows' keys
   and queries are at their compact positions (in a first pass they move
   back there with vLLM's fused RoPE kernel; draft steps run at them), the
@@ -97,12 +97,14 @@ class DraftAttention:
 
 
 def install_draft_attention(layers: dict[str, object], backward: torch.Tensor,
-                            caches: WorkingCaches | None, main_window: int,
+                            caches: WorkingCaches | None, main_window: int | None,
                             tree_scratch: dict | None = None) -> None:
     """Wrap every draft layer's attention (recorded in the patch registry) and
-    bound what it spans by the sliding window."""
+    bound what it spans by the sliding window, unless no query can pass it
+    (`main_window` None): then vLLM's kernel runs as for stock draft_model."""
     for name, layer in layers.items():
-        set_sliding_window(layer.impl, main_window)
+        if main_window is not None:
+            set_sliding_window(layer.impl, main_window)
         if hasattr(layer.impl, "verifies"):  # the HTA backend: verification is the target's
             replace_on_instance(layer.impl, "verifies", False, "the draft verifies nothing")
         attention = DraftAttention(name, layer.impl.forward, backward, caches,

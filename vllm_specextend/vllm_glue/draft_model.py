@@ -56,13 +56,13 @@ class SpecExtendDrafting:
         self.reader = reader_for(next(iter(self.layers.values())), block_size, dtype,
                                  vllm_config.cache_config.cache_dtype)
         self.caches = None
-        if settings.retrieval and max_model_len > self.geometry.retrieval_min_len:
+        if settings.builds_working_caches(self.geometry, max_model_len):
             num_caches = settings.max_working_caches_for(vllm_config.scheduler_config.max_num_seqs)
             self.caches = WorkingCaches(self.layers, self.geometry, num_caches, block_size,
                                         dtype, device)
         scratch = _tree_scratch(self.layers, settings, vllm_config, dtype, device)
-        install_draft_attention(self.layers, self.backward, self.caches,
-                                self.geometry.main_window, scratch)
+        window = self.geometry.main_window if self.geometry.window_binds(max_model_len) else None
+        install_draft_attention(self.layers, self.backward, self.caches, window, scratch)
         self.retrieval = None
         if self.caches is not None:
             target_layer = _rotary_attention_modules(target_model)[-1].attn

@@ -27,8 +27,6 @@ from vllm_specextend.config import (
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
 
-# vLLM's CPU platform picks 128-token blocks when the user sets none.
-CPU_DEFAULT_BLOCK_SIZE = 128
 # vLLM architectures of EAGLE heads, and the method that runs each.
 EAGLE_ARCHITECTURES = {"Eagle3": "eagle3", "Eagle": "eagle"}
 
@@ -76,9 +74,6 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
         **(engine_args.additional_config or {}),
         ADDITIONAL_CONFIG_KEY: settings.model_dump(),
     }
-    if engine_args.block_size is None and _is_cpu():
-        # Chunks must be whole KV blocks; keep the CPU kernel's 32-multiple.
-        engine_args.block_size = math.gcd(CPU_DEFAULT_BLOCK_SIZE, settings.chunk_size)
     return settings
 
 
@@ -130,8 +125,10 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
             f"kv_cache_dtype={cache_dtype}: SpecExtend reads the draft's and the target's "
             f"keys back from vLLM's cache and needs them in the model's dtype; leave "
             f"kv_cache_dtype at 'auto'")
+    _fit_blocks_to_chunks(settings, vllm_config)
     settings.check_fits_engine(
         block_size=vllm_config.cache_config.block_size,
+        max_model_len=vllm_config.model_config.max_model_len,
         draft_max_positions=shipped_max_positions(spec.draft_model_config),
         num_speculative_tokens=spec.num_speculative_tokens,
         # vLLM wraps an EAGLE head's config ("eagle"); its own file says what it is.
@@ -147,6 +144,18 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
         )
     if settings.draft_method != "draft_model":
         _check_eagle_head(settings, vllm_config)
+
+
+def _fit_blocks_to_chunks(settings: SpecExtendConfig, vllm_config: Any) -> None:
+    """Retrieval lays chunks out as whole KV blocks. vLLM's CPU build picks
+    blocks of 128 (its kernel's fastest) when the user sets none: keep them
+    unless retrieval can run, then take the largest that divides a chunk."""
+    cache_config = vllm_config.cache_config
+    if cache_config.user_specified_block_size or not _is_cpu():
+        return
+    if settings.builds_working_caches(geometry_of(settings, vllm_config),
+                                      vllm_config.model_config.max_model_len):
+        cache_config.block_size = math.gcd(cache_config.block_size, settings.chunk_size)
 
 
 def _check_eagle_head(settings: SpecExtendConfig, vllm_config: Any) -> None:
@@ -201,9 +210,15 @@ def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
     return settings
 
 
-def _retrieval_summary(settings: SpecExtendConfig) -> str:
-    if settings.retrieval:
+def _retrieval_summary(settings: SpecExtendConfig, vllm_config: Any) -> str:
+    geometry = geometry_of(settings, vllm_config)
+    max_model_len = vllm_config.model_config.max_model_len
+    if settings.builds_working_caches(geometry, max_model_len):
         return "Cross-model Retrieval on"
+    if settings.retrieval:
+        return (f"Cross-model Retrieval idle: max_model_len={max_model_len} is within "
+                f"retrieval_min_len={geometry.retrieval_min_len}, so the draft reads every "
+                f"request whole, as stock draft_model does")
     if settings.tree:
         return ("retrieval=false: the draft sees the full context, as a sliding window "
                 "past three quarters of its positions")
@@ -234,7 +249,7 @@ def wrap_create_engine_config(original):
         log_settings("front end", vllm_config)
         logger.info(
             "SpecExtend: %s; %s.",
-            _retrieval_summary(settings),
+            _retrieval_summary(settings, vllm_config),
             _drafting_summary(settings),
         )
         return vllm_config
