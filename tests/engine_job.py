@@ -152,8 +152,8 @@ def _host_syncs_counted(worker):
 
 def _record_attention_spans(worker):
     """Record, for every call of vLLM's CPU attention kernel in this worker,
-    its sliding window, its longest sequence and whether it read a
-    SpecExtend working cache."""
+    its sliding window, its longest sequence, whether it read a SpecExtend
+    working cache, and its cache's block size."""
     from vllm import _custom_ops as ops
 
     caches = worker.model_runner.drafter.specextend.caches
@@ -163,8 +163,9 @@ def _record_attention_spans(worker):
     calls = worker.specextend_attention_calls = []
 
     def recording_kernel(*args, **kwargs):
+        key_cache = kwargs["key_cache"]  # [blocks, kv heads, block size, head size]
         calls.append((kwargs["sliding_window"], int(kwargs["seq_lens"].max()),
-                      kwargs["key_cache"].untyped_storage().data_ptr() in storages))
+                      key_cache.untyped_storage().data_ptr() in storages, key_cache.shape[2]))
         return kernel(*args, **kwargs)
 
     ops.cpu_attention_with_kv_cache = recording_kernel
@@ -172,10 +173,12 @@ def _record_attention_spans(worker):
 
 def _attention_spans_recorded(worker):
     calls = worker.specextend_attention_calls
-    working = [seq_len for _, seq_len, on_working in calls if on_working]
-    return {"draft_windows": sorted({window for window, _, _ in calls if window > 0}),
+    working = [seq_len for _, seq_len, on_working, _ in calls if on_working]
+    return {"draft_windows": sorted({window for window, _, _, _ in calls if window > 0}),
             "working_cache_calls": len(working), "longest_working_cache": max(working, default=0),
-            "windowless_calls": sum(window <= 0 for window, _, _ in calls)}
+            "windowless_calls": sum(window <= 0 for window, _, _, _ in calls),
+            "vllm_cache_block_sizes": sorted({block for _, _, on_working, block in calls
+                                              if not on_working})}
 
 
 def _logprobs(entries):

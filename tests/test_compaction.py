@@ -58,12 +58,12 @@ def test_compaction_in_vllms_cpu_cache(tiny_pair):
     from vllm_specextend.vllm_glue.tree_attention_backend import HybridTreeCPUAttentionImpl
 
     load_general_plugins()
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 64, 32
     config = EngineArgs(
-        model=str(tiny_pair.target), dtype="float32", max_model_len=512,
+        model=str(tiny_pair.target), dtype="float32", max_model_len=512, block_size=block_size,
         speculative_config={"method": "specextend", "model": str(tiny_pair.draft),
                             "num_speculative_tokens": 7, "hybrid_tree_attention": True},
     ).create_engine_config()
-    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 64, 32
     with set_current_vllm_config(config):
         impl = HybridTreeCPUAttentionImpl(num_heads, head_dim, head_dim ** -0.5, num_kv_heads,
                                           None, None, "auto")

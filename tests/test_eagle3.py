@@ -60,6 +60,8 @@ def test_no_draft_attention_spans_the_heads_window(runs):
     assert spans["draft_windows"] == [HEAD_WINDOW]  # rows on vLLM's cache
     assert 0 < spans["longest_working_cache"] <= HEAD_WINDOW
     assert spans["windowless_calls"] > 0  # the target's own attention
+    # Chunks are whole blocks (gcd(128, chunk_size 32)), in the worker too.
+    assert spans["vllm_cache_block_sizes"] == [32]
 
 
 def test_detected_from_the_heads_architecture(tiny_pair, llama_head, mixed_prompts, tmp_path):

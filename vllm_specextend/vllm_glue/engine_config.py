@@ -156,6 +156,9 @@ def _fit_blocks_to_chunks(settings: SpecExtendConfig, vllm_config: Any) -> None:
     if settings.builds_working_caches(geometry_of(settings, vllm_config),
                                       vllm_config.model_config.max_model_len):
         cache_config.block_size = math.gcd(cache_config.block_size, settings.chunk_size)
+        # As if given: vLLM's CPU platform resets a block size it picked
+        # when a config is rebuilt from this one (the draft's, in the worker).
+        cache_config.user_specified_block_size = True
 
 
 def _check_eagle_head(settings: SpecExtendConfig, vllm_config: Any) -> None:
