@@ -6,7 +6,8 @@ lengthened to the target's length when the draft's is shorter) and vLLM's
 cache write (keys rotated for their true positions, at their true slots),
 and attends with vLLM's own backend, given a sliding window of
 `main_window` so that no query spans more positions than the draft was
-trained on (no window where max_model_len keeps every query within it). Its `impl.forward` is wrapped for the forwards SpecExtend plans:
+trained on (none where max_model_len keeps every query within it). Its
+`impl.forward` is wrapped for the forwards SpecExtend plans:
 - `DraftStepPlan` (rows with working caches in the batch): the rows' keys
   and queries are at their compact positions (in a first pass they move
   back there with vLLM's fused RoPE kernel; draft steps run at them), the
