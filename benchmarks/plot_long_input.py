@@ -20,8 +20,7 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def summarize(path: Path) -> tuple[dict, list[dict]]:
-    lines = records(path)
+def summarize(lines: list[dict]) -> tuple[dict, list[dict]]:
     header = next(r for r in lines if r["kind"] == "header")
     groups = defaultdict(list)
     for r in lines:
@@ -163,10 +162,11 @@ def plot(header: dict, rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     path = Path(sys.argv[1])
-    header, rows = summarize(path)
+    lines = records(path)
+    header, rows = summarize(lines)
     text = table(header, rows)
     if header.get("interleaved"):
-        text += prefill_pairs(records(path))
+        text += prefill_pairs(lines)
     path.with_suffix(".md").write_text(text)
     plot(header, rows, path.with_suffix(".png"))
     print(text)
