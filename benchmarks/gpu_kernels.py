@@ -251,23 +251,31 @@ def time_tree_attention(bench, case, hta, model, dtype, context, nodes, results)
     visible[:, context:] = ((case["tree_masks"][:, None] >> local[None, :]) & 1).bool()
     query = case["query"].transpose(0, 1)[None]
 
+    group = query.shape[1] // case["key_cache"].shape[1]
+
     def gathered():
-        return (case["key_cache"][slots].transpose(0, 1)[None],
-                case["value_cache"][slots].transpose(0, 1)[None])
+        # SDPA's fused kernels want as many K/V heads as query heads.
+        return tuple(cache[slots].transpose(0, 1)[None].repeat_interleave(group, dim=1)
+                     for cache in (case["key_cache"], case["value_cache"]))
 
     keys, values = gathered()
     backends = [SDPBackend.MATH] if bench.smoke else [SDPBackend.EFFICIENT_ATTENTION]
 
     def sdpa_masked(k, v):
         with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(query, k, v, attn_mask=visible,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(query, k, v, attn_mask=visible)
 
-    flex = flex_attention_call(bench, query, keys, values, context, case["tree_masks"], nodes)
+    flex = flex_attention_call(bench, query, keys[:, ::group].contiguous(),
+                               values[:, ::group].contiguous(), context, case["tree_masks"], nodes)
     seconds = {"hta_triton": bench.seconds(hta),
                "sdpa_masked_with_gather": bench.seconds(lambda: sdpa_masked(*gathered())),
-               "sdpa_masked_contiguous": bench.seconds(lambda: sdpa_masked(keys, values)),
-               "flex_attention_contiguous": bench.seconds(flex)}
+               "sdpa_masked_contiguous": bench.seconds(lambda: sdpa_masked(keys, values))}
+    try:
+        seconds["flex_attention_contiguous"] = bench.seconds(flex)
+    except Exception as error:  # torch.compile can find no kernel for a shape
+        results["baseline_failures"].append(dict(
+            baseline="flex_attention_contiguous", dtype=str(dtype)[6:], context=context,
+            nodes=nodes, error=f"{type(error).__name__}: {str(error)[:300]}"))
     if total <= 16384 or bench.smoke:
         from vllm_specextend.attention.hybrid_tree_attention import tree_attention_reference
 
@@ -333,6 +341,66 @@ def draft_tree(bench: Bench, shapes: dict, results: dict) -> None:
                 passed=error <= TOLERANCE[str(dtype)[6:]]))
 
 
+# Launch configurations timed against each launcher's own pick.
+LAUNCH_ALTERNATIVES = {
+    "_prefix_split_kernel": (dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=64, num_warps=8),
+                             dict(BLOCK_N=32, num_warps=4), dict(BLOCK_N=32, num_warps=8),
+                             dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)),
+    "_chunk_scores_kernel": (dict(num_warps=4), dict(num_warps=8)),
+}
+
+
+def launch_configs(bench: Bench, shapes: dict, results: dict) -> None:
+    """Where a kernel's tiles are large (the prefix split at head_dim 128,
+    the chunk pass at chunks of 256), the launcher's configuration against
+    others: time, and the registers and spills the driver loaded each with."""
+    torch = bench.torch
+    from vllm_specextend.attention import hybrid_tree_attention
+    from vllm_specextend.kernel_resources import kernel_launches
+    from vllm_specextend.retrieval import chunk_scores
+
+    model, (heads, kv_heads, head_dim) = next(iter(shapes["models"].items()))
+    nodes, chunk = max(shapes["trees"]), 256
+    for context in (min(shapes["contexts"]), max(shapes["contexts"])):
+        case = tree_inputs(bench, nodes, 1, context, heads, kv_heads, head_dim,
+                           torch.bfloat16, seed=0)
+        common = (case["query"], case["key_cache"], case["value_cache"], case["block_table"],
+                  case["prefix_lens"], case["tree_start_loc"])
+        paged_keys, _, table = bench.paged(1, context, kv_heads, head_dim, torch.bfloat16)
+        query = bench.randn(1, heads, head_dim, dtype=torch.bfloat16)
+        lens = torch.tensor([context], dtype=torch.int32, device=bench.device)
+        calls = {
+            "_prefix_split_kernel": (hybrid_tree_attention, "prefix_split_launch", (head_dim,),
+                                     lambda: hybrid_tree_attention.prefix_attention(
+                                         *common, context, BLOCK_SIZE, head_dim ** -0.5)),
+            "_chunk_scores_kernel": (chunk_scores, "chunk_pass_launch", (chunk, head_dim),
+                                     lambda: chunk_scores.chunk_scores(
+                                         query, paged_keys, table, lens, BLOCK_SIZE, chunk,
+                                         max_len=context)),
+        }
+        for kernel, (module, name, launch_args, call) in calls.items():
+            chosen = getattr(module, name)
+            picked = chosen(*launch_args)
+            for change in LAUNCH_ALTERNATIVES[kernel]:
+                config = {**picked, **change}
+                setattr(module, name, lambda *_, c=config: c)
+                try:
+                    with kernel_launches(launch=True) as launched:
+                        call()
+                    seconds = bench.seconds(call)
+                finally:
+                    setattr(module, name, chosen)
+                # Interpreted kernels (--smoke) are not JIT functions: nothing is loaded.
+                compiled = next((c for k, _, _, c in launched if k.fn.__name__ == kernel), None)
+                row = dict(kernel=kernel, model=model, dtype="bfloat16", context=context,
+                           nodes=nodes, chunk_size=chunk, config=config,
+                           picked_by_launcher=config == picked, seconds=seconds,
+                           registers=getattr(compiled, "n_regs", None),
+                           spills=getattr(compiled, "n_spills", None))
+                results["launch_configs"].append(row)
+                print(json.dumps(row), flush=True)
+
+
 def compass(bench: Bench, shapes: dict, results: dict) -> None:
     torch = bench.torch
     import torch.nn.functional as F
@@ -373,13 +441,15 @@ def compass(bench: Bench, shapes: dict, results: dict) -> None:
                                       cos_sin))
             return values[0, 0]
 
-        contiguous_k = bench.gathered(keys, table, 0, context).transpose(0, 1)[None]
-        contiguous_v = bench.gathered(values, table, 0, context).transpose(0, 1)[None]
+        # SDPA's fused kernels want as many K/V heads as query heads.
+        contiguous_k, contiguous_v = (
+            bench.gathered(cache, table, 0, context).transpose(0, 1)[None]
+            .repeat_interleave(heads // kv_heads, dim=1) for cache in (keys, values))
 
         def decode_attention():
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(query[:, :, None], contiguous_k,
-                                                      contiguous_v, enable_gqa=True)
+                                                      contiguous_v)
 
         attention_s = bench.seconds(decode_attention)
         step_s = weights_s + 32 * attention_s
@@ -434,8 +504,9 @@ def plot(results: dict, path: Path) -> None:
                     r.get("nodes") or 0 for r in results["timings"]))]
         model = rows[0]["model"] if rows else ""
         rows = [r for r in rows if r["model"] == model]
-        for method in (rows[0]["seconds"] if rows else {}):
-            ax.loglog([r["context"] for r in rows], [1e6 * r["seconds"][method] for r in rows],
+        for method in dict.fromkeys(m for r in rows for m in r["seconds"]):
+            timed = [r for r in rows if method in r["seconds"]]
+            ax.loglog([r["context"] for r in timed], [1e6 * r["seconds"][method] for r in timed],
                       marker="o", label=method, base=2)
         ax.loglog([r["context"] for r in rows], [1e6 * r["bandwidth_bound_s"] for r in rows],
                   linestyle="--", color="gray", label="bandwidth bound", base=2)
@@ -448,20 +519,63 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def resources(out: Path) -> None:
+    """Every kernel compiled for sm_90 and sm_80 without a GPU: JSON and a
+    markdown table of registers, spills, stack and shared memory."""
+    from dataclasses import asdict
+
+    from vllm_specextend.kernel_resources import compile_all
+
+    rows = compile_all()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    lines = ["| kernel | shape | dtype | target | warps | constants | registers | spills "
+             "(B stored/loaded) | stack (B) | shared memory (B) | limit (B) | matrix |",
+             "|" + "---|" * 12]
+    for row in rows:
+        constants = ", ".join(f"{k}={v}" for k, v in row.constants.items()
+                              if k != "IN_FLOAT32")
+        lines.append(f"| `{row.kernel}` | {row.case} | {row.dtype} | {row.target} | "
+                     f"{row.num_warps} | {constants} | {row.registers} | {row.spill_stores}/"
+                     f"{row.spill_loads} | {row.stack_frame} | {row.shared_memory:,} | "
+                     f"{row.shared_memory_limit:,} | {row.matrix_instructions} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    bad = [row for row in rows if row.problems()]
+    print(f"{len(rows)} launches compiled, {len(bad)} not fit to ship; "
+          f"at most {max(r.registers for r in rows)} registers a thread")
+    print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+    if bad:
+        raise SystemExit("\n".join(f"{r.kernel} [{r.case}, {r.dtype}, {r.target}]: "
+                                    f"{'; '.join(r.problems())}" for r in bad))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--resources", action="store_true",
+                        help="compile every kernel for sm_90 and sm_80 (no GPU needed) and "
+                             "report registers, spills and shared memory")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS),
+                        help="attention shapes to sweep (default: all)")
+    parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--trees", nargs="+", type=int, default=list(TREES))
     parser.add_argument("--out", help="results path without suffix")
     args = parser.parse_args()
+    if args.resources:
+        resources(Path(args.out) if args.out else RESULTS / "kernel_resources")
+        return
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bench = Bench(args.smoke)
-    shapes = SMOKE if args.smoke else dict(models=MODELS, contexts=CONTEXTS, batches=BATCHES,
-                                           trees=TREES)
-    results = {**machine_facts(bench), "block_size": BLOCK_SIZE,
+    shapes = SMOKE if args.smoke else dict(
+        models={m: MODELS[m] for m in (args.models or MODELS)}, contexts=tuple(args.contexts),
+        batches=tuple(args.batches), trees=tuple(args.trees))
+    results = {**machine_facts(bench), "block_size": BLOCK_SIZE, "shapes": shapes,
                "copy_bandwidth": bench.copy_bandwidth(), "correctness": [], "timings": [],
-               "compass": {}}
+               "launch_configs": [], "baseline_failures": [], "compass": {}}
+    launch_configs(bench, shapes, results)
     chunk_scoring(bench, shapes, results)
     tree_attention(bench, shapes, results)
     draft_tree(bench, shapes, results)

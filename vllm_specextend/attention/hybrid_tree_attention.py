@@ -202,15 +202,23 @@ def node_rows_of(tree_start_loc: torch.Tensor, num_nodes: int) -> torch.Tensor:
     return torch.searchsorted(tree_start_loc[1:], nodes, right=True).to(torch.int32)
 
 
+def prefix_split_launch(head_dim: int) -> dict:
+    """Tiles and warps of `_prefix_split_kernel`. At head_dim 128, key tiles
+    of 64 compile to 250-255 registers a thread (the ceiling is 255); tiles
+    of 32 take 166 and ran fastest on an H200 (benchmarks/gpu_kernels.py)."""
+    return dict(BLOCK_M=64, BLOCK_N=32 if head_dim >= 128 else 64, num_warps=4)
+
+
 def prefix_attention(query, key_cache, value_cache, block_table, prefix_lens, tree_start_loc,
                      max_prefix_len: int, block_size: int, scale: float,
-                     split_len: int = 512, block_m: int = 64):
+                     split_len: int = 512):
     """FlashDecoding over each tree's prefix, all its nodes at once: (out
     fp32, lse) per node and head."""
     num_nodes, num_heads, head_dim = query.shape
     group_size = num_heads // key_cache.shape[1]
     num_splits = max(triton.cdiv(max_prefix_len, split_len), 1)
-    query_tiles = triton.cdiv(MAX_TREE_TOKENS * group_size, block_m)
+    launch = prefix_split_launch(head_dim)
+    query_tiles = triton.cdiv(MAX_TREE_TOKENS * group_size, launch["BLOCK_M"])
     partial_out = torch.empty((num_nodes, num_heads, num_splits, head_dim),
                               dtype=torch.float32, device=query.device)
     partial_lse = torch.empty((num_nodes, num_heads, num_splits), dtype=torch.float32,
@@ -222,8 +230,7 @@ def prefix_attention(query, key_cache, value_cache, block_table, prefix_lens, tr
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         block_table.stride(0), partial_out.stride(0), partial_out.stride(1),
         partial_out.stride(2), block_size, group_size, num_heads, scale, split_len,
-        num_splits, query_tiles, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64,
-        IN_FLOAT32=interpreted())
+        num_splits, query_tiles, HEAD_DIM=head_dim, IN_FLOAT32=interpreted(), **launch)
     # Reduce the splits (the FlashDecoding second pass) by their LSEs.
     lse = torch.logsumexp(partial_lse, dim=-1)
     weights = torch.exp(partial_lse - lse[..., None]).nan_to_num(0.0)

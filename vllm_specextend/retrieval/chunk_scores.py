@@ -179,6 +179,14 @@ def _chunk_scores_kernel(query, key_cache, block_table, context_lens, lse, score
                  tl.sum(total, axis=0) / (num_heads * chunk_len))
 
 
+def chunk_pass_launch(chunk_size: int, head_tile: int) -> dict:
+    """Tile and warps of `_chunk_scores_kernel`, which holds a whole chunk's
+    keys: past 128 x 128 elements (chunks of 256 at head_dim 128 compile to
+    232 registers a thread with 4 warps) it takes 8."""
+    chunk_tile = max(16, triton.next_power_of_2(chunk_size))
+    return dict(CHUNK_TILE=chunk_tile, num_warps=8 if chunk_tile * head_tile > 128 * 128 else 4)
+
+
 def chunk_scores(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -219,5 +227,5 @@ def chunk_scores(
     _chunk_scores_kernel[(batch, max_chunks)](
         query, key_cache, block_table, context_lens, lse, scores, *common,
         scores.stride(0), block_size, num_heads, num_kv_heads, group_size, scale,
-        head_dim, chunk_size, CHUNK_TILE=max(16, triton.next_power_of_2(chunk_size)), **tiles)
+        head_dim, chunk_size, **chunk_pass_launch(chunk_size, tiles["HEAD_TILE"]), **tiles)
     return scores
