@@ -27,8 +27,16 @@ Triton only (no vLLM: the lent GPU machines cannot install it).
    flash); goal at most 1%. And HTA verifying a 64-node tree over a 16K
    prefix against one single-token decode attention over the same prefix;
    goal at most 1.1x.
+4. Launch configurations: where a kernel's tiles are large, the launcher's
+   pick against other tiles and warp counts, timed, with the registers the
+   driver loaded each with.
 Writes benchmarks/results/gpu_kernels_<device>.json and .png with the
 device, driver, torch and Triton versions.
+
+    python benchmarks/gpu_kernels.py --resources    # any machine, no GPU
+
+compiles every kernel for sm_90 and sm_80 instead (vllm_specextend.kernel_resources)
+and writes benchmarks/results/kernel_resources.{json,md}.
 """
 
 from __future__ import annotations

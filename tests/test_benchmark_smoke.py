@@ -76,6 +76,11 @@ def test_gpu_kernels_smoke(tmp_path):
     assert kernels == {"chunk_scores", "hybrid_tree_attention (prefix + tree part + merge)",
                        "draft_tree_attention"}
     assert {"hta_vs_decode", "cmr_refresh"} <= set(results["compass"])
+    configs = results["launch_configs"]
+    assert {c["kernel"] for c in configs} == {"_prefix_split_kernel", "_chunk_scores_kernel"}
+    # The launcher's own configuration is among those timed, once per kernel and context.
+    picked = [(c["kernel"], c["context"]) for c in configs if c["picked_by_launcher"]]
+    assert sorted(picked) == sorted(set((c["kernel"], c["context"]) for c in configs))
     assert out.with_suffix(".png").stat().st_size > 0
 
 
