@@ -124,9 +124,9 @@ def run_method(job: dict) -> None:
         if job["chat_template"]:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
-        before = spec_decode_counters(llm)
+        before, policy_before = spec_decode_counters(llm), policy_counters(llm)
         [output] = llm.generate([text], params, use_tqdm=False)
-        after = spec_decode_counters(llm)
+        after, policy_after = spec_decode_counters(llm), policy_counters(llm)
         stats = output.metrics
         prefill_s = stats.first_token_ts - stats.scheduled_ts
         decode_s = stats.last_token_ts - stats.first_token_ts
@@ -140,11 +140,40 @@ def run_method(job: dict) -> None:
             "decode_tokens_per_s": (len(generated) - 1) / decode_s if decode_s > 0 else None,
             "mean_accepted_length": mean_accepted_length(delta),
             "acceptance_rate": acceptance_rate(delta),
+            "policy": policy_summary(policy_before, policy_after),
             "token_ids": generated,
         }
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps({k: v for k, v in record.items() if k != "token_ids"}), flush=True)
+
+
+def policy_counters(llm) -> dict:
+    """The speculation policy's counters in the (first) worker, or {}."""
+    if llm.llm_engine.vllm_config.speculative_config is None:
+        return {}
+    [state] = llm.collective_rpc("specextend_state")
+    return {name: value for name, value in state.items() if name.startswith("policy_")}
+
+
+def policy_summary(before: dict, after: dict) -> dict | None:
+    """What the per-request policy picked over one sample: decoding rounds,
+    the share of them a request sat out, the mean draft length, rounds by
+    draft length, probes."""
+    if "policy_rounds" not in after:
+        return None
+    delta = {name: after[name] - before.get(name, 0) for name in (
+        "policy_rounds", "policy_requests_drafting", "policy_requests_stepped_aside",
+        "policy_probes", "policy_drafts_picked")}
+    decided = delta["policy_requests_drafting"] + delta["policy_requests_stepped_aside"]
+    by_length = after["policy_picks_by_length"]
+    previous = before.get("policy_picks_by_length") or [0] * len(by_length)
+    return {"rounds": delta["policy_rounds"],
+            "stepped_aside_fraction": (delta["policy_requests_stepped_aside"] / decided
+                                       if decided else None),
+            "mean_pick": delta["policy_drafts_picked"] / decided if decided else None,
+            "picks_by_length": [a - b for a, b in zip(by_length, previous)],
+            "probes": delta["policy_probes"], "costs_s": after["policy_costs_s"]}
 
 
 def check_against_ar(out: Path) -> int:

@@ -44,11 +44,14 @@ def main(job_path: str, result_path: str) -> None:
         llm.collective_rpc(_count_host_syncs)
     if job.get("record_attention_spans"):
         llm.collective_rpc(_record_attention_spans)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    result = {
-        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-        "spec_decode": spec_decode_counters(llm),
-    }
+    if "counter_marks" in job:  # one prompt, step by step
+        token_ids, result = _counters_along_output(llm, prompts[0], params,
+                                                   job["counter_marks"])
+        result["token_ids"] = [token_ids]
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        result = {"token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    result["spec_decode"] = spec_decode_counters(llm)
     if "params" in job:
         result["outputs"] = [_described(output) for output in outputs]
     if "refused_params" in job:
@@ -69,6 +72,23 @@ def main(job_path: str, result_path: str) -> None:
             _draft_under_fixed_working_set, args=(job["draft_probe"],))
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+def _counters_along_output(llm, prompt, params, marks: list[int]) -> tuple[list, dict]:
+    """Run one request engine step by step; vLLM's spec-decode counters
+    each time its output first reaches one of `marks` tokens."""
+    from vllm_specextend.metrics import accepted_by_position, spec_decode_counters
+
+    engine = llm.llm_engine
+    engine.add_request("traced", prompt, params)
+    token_ids, snapshots = [], []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            token_ids = list(output.outputs[0].token_ids)
+        while len(snapshots) < len(marks) and len(token_ids) >= marks[len(snapshots)]:
+            snapshots.append({"output_tokens": len(token_ids), **spec_decode_counters(llm),
+                              "accepted_by_position": accepted_by_position(llm)})
+    return token_ids, {"counters_along_output": snapshots}
 
 
 def _state_once_idle(llm, attempts: int = 100) -> dict:

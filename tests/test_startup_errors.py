@@ -53,6 +53,9 @@ def gpt2_draft(tiny_pair, tmp_path_factory):
                                r"exceeds draft_window=2048"),
         ({"draft_window": 4096}, r"speculative_config\.draft_window=4096 exceeds the draft's "
                                  r"max_position_embeddings \(2048\)"),
+        ({"adaptive": 3}, r"speculative_config\.adaptive=3.*allowed: true or false"),
+        ({"tree": True, "tree_nodes": 4, "adaptive": True},
+         r"speculative_config\.adaptive=true: tree=true drafts trees.*set adaptive to false"),
     ],
 )
 def test_bad_setting_named(tiny_pair, settings, pattern):

@@ -93,6 +93,13 @@ class SpecExtendConfig(BaseModel):
     hybrid_tree_attention_min_len: int = Field(default=4096, gt=0)
     """Prefix length from which tree verification uses Hybrid Tree Attention
     (the paper finds it pays above about 4K tokens)."""
+    adaptive: bool = True
+    """Per-request speculation policy: each request drafts 0 to
+    num_speculative_tokens tokens a round, whichever its measured acceptance
+    and the engine's measured costs make fastest; requests whose drafts do
+    not pay step aside (the draft still reads their tokens) and probe to
+    come back. Off: every request drafts num_speculative_tokens, as in
+    vLLM. Needs async scheduling off (always so on CPU) and chain drafts."""
     retrieval: bool = True
     """Cross-model Retrieval on/off (off: the draft sees the full context)."""
     selection: Literal["cmr", "recency"] = "cmr"

@@ -15,6 +15,14 @@ def spec_decode_counters(llm) -> dict[str, float]:
     return {name: values.get(name) or 0 for name in SPEC_DECODE_COUNTERS}
 
 
+def accepted_by_position(llm) -> list[int]:
+    """Accepted drafts counted by draft position (vLLM's per-position counter)."""
+    for metric in llm.get_metrics():
+        if metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            return list(metric.values)
+    return []
+
+
 def mean_accepted_length(counters: dict[str, float]) -> float | None:
     """Tokens produced per target step: 1 + accepted drafts per step."""
     drafts = counters["vllm:spec_decode_num_drafts"]

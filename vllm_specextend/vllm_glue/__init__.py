@@ -20,6 +20,11 @@ from vllm_specextend.vllm_glue.sampling import (
     wrap_expand_batch_to_tokens,
     wrap_validate_params,
 )
+from vllm_specextend.vllm_glue.speculation_policy import (
+    wrap_execute_model,
+    wrap_sample_tokens,
+    wrap_take_draft_token_ids,
+)
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
 PATCHES = [
@@ -64,6 +69,24 @@ PATCHES = [
         "GPUModelRunner._input_fits_in_drafter",
         wrap_input_fits_in_drafter,
         "draft for requests longer than the draft's positions",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.execute_model",
+        wrap_execute_model,
+        "speculation policy: time the step, note the drafts it verifies",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.sample_tokens",
+        wrap_sample_tokens,
+        "speculation policy: learn what the step accepted and what it cost",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.take_draft_token_ids",
+        wrap_take_draft_token_ids,
+        "speculation policy: hand the scheduler each request's drafts cut to its pick",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner",

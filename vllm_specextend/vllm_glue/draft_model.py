@@ -29,6 +29,7 @@ from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.engine_config import geometry_of, settings_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
 from vllm_specextend.vllm_glue.tree_drafting import TreeDrafter
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE
 from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, WorkingCaches
@@ -79,6 +80,12 @@ class SpecExtendDrafting:
         if settings.tree:
             self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
                                             self.geometry.main_window, block_size)
+        self.policy_hooks = None
+        if settings.adaptive:
+            self.policy_hooks = PolicyHooks(
+                vllm_config.speculative_config.num_speculative_tokens,
+                vllm_config.scheduler_config.max_num_seqs, device,
+                tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
         self.staging = HostStaging(proposer.max_num_tokens, device)
         self.runner = proposer.specextend_runner
         self.rounds = 0
@@ -147,15 +154,32 @@ class SpecExtendDrafting:
         self.round = None
 
     def forget(self, req_id: str) -> None:
-        """The request finished: free its working cache and tree."""
+        """The request finished: free its working cache, tree and policy state."""
         if self.caches is not None:
             self.caches.release(req_id)
+        if self.policy_hooks is not None:
+            self.policy_hooks.forget(req_id)
         TREE_STATE.proposed.pop(req_id, None)
 
-    def request_state(self) -> dict[str, int]:
-        """How many requests each per-request structure still holds."""
-        return {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
-                "proposed_trees": len(TREE_STATE.proposed)}
+    def request_state(self) -> dict:
+        """How many requests each per-request structure still holds, and the
+        speculation policy's counters."""
+        state = {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
+                 "proposed_trees": len(TREE_STATE.proposed)}
+        if self.policy_hooks is not None:
+            state.update(self.policy_hooks.state())
+        return state
+
+    def round_length(self, metadata, num_speculative_tokens: int) -> int:
+        """The policy's draft length for this round (at most vLLM's)."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        scheduled = np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+        # Done with the prompt after this step: its drafts will be verified.
+        decoding = (batch.num_computed_tokens_cpu[:num_reqs] + scheduled
+                    >= batch.num_prompt_tokens[:num_reqs])
+        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
+                                              num_speculative_tokens)
 
     def plan_forward(self, proposer, cad, draft_index: int):
         """Per-layer metadata of one draft forward: vLLM's own when no row of
@@ -265,9 +289,17 @@ def wrap_proposer_propose(original):
         if query_indices is None:  # no drafts were verified: the last token
             query_indices = metadata.query_start_loc[1:] - 1
         drafting.before_drafting(metadata, query_indices.long(), bound["target_positions"])
+        hooks = drafting.policy_hooks
+        if hooks is not None:
+            round_length = drafting.round_length(metadata, bound["num_speculative_tokens"])
+            bound["num_speculative_tokens"] = round_length
+            args, kwargs = (), {name: value for name, value in bound.items() if name != "self"}
         try:
             if drafting.tree_drafter is None:
-                return original(self, *args, **kwargs)
+                drafts = original(self, *args, **kwargs)
+                if hooks is not None:
+                    hooks.round_ended(forwards=max(round_length, 1))
+                return drafts
             return drafting.tree_drafter.propose(
                 drafting.runner.input_batch.req_ids[: metadata.num_reqs], drafting.round,
                 bound["target_token_ids"], bound["target_positions"], bound["next_token_ids"],

@@ -146,6 +146,29 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
         _check_eagle_head(settings, vllm_config)
 
 
+def _resolve_adaptive(settings: SpecExtendConfig, vllm_config: Any) -> SpecExtendConfig:
+    """The per-request policy cuts each request's drafts before the scheduler
+    sees them: with async scheduling the scheduler has placed them already,
+    and a tree's nodes are no chain to cut. Asked for there, it is an error;
+    by default it turns off, once said in the log."""
+    conflict = None
+    if vllm_config.scheduler_config.async_scheduling:
+        conflict = "async scheduling schedules drafts before the policy has cut them"
+    elif settings.tree:
+        conflict = "tree=true drafts trees, whose nodes are not a chain to cut"
+    if not settings.adaptive or conflict is None:
+        return settings
+    if "adaptive" in settings.model_fields_set:
+        raise SpecExtendConfigError(
+            f"speculative_config.adaptive=true: {conflict}; set adaptive to false"
+            + (" or turn async scheduling off (--no-async-scheduling)"
+               if not settings.tree else ""))
+    logger.info("SpecExtend: per-request speculation policy off: %s.", conflict)
+    settings = settings.model_copy(update={"adaptive": False})
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
+    return settings
+
+
 def _fit_blocks_to_chunks(settings: SpecExtendConfig, vllm_config: Any) -> None:
     """Retrieval lays chunks out as whole KV blocks. vLLM's CPU build picks
     blocks of 128 (its kernel's fastest) when the user sets none: keep them
@@ -248,6 +271,7 @@ def wrap_create_engine_config(original):
             return original(self, *args, **kwargs)
         settings = _take_specextend_settings(self)
         vllm_config = original(self, *args, **kwargs)
+        settings = _resolve_adaptive(settings, vllm_config)
         check_engine_fit(settings, vllm_config)
         log_settings("front end", vllm_config)
         logger.info(

@@ -1,0 +1,160 @@
+"""The speculation policy's core on synthetic acceptance and costs (no vLLM)."""
+
+import numpy as np
+import pytest
+
+from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
+from vllm_specextend.policy.costs import DecayedLinearFit, StepCosts
+from vllm_specextend.policy.draft_lengths import best_draft_lengths
+from vllm_specextend.policy.speculation_policy import SpeculationPolicy
+
+# Seconds, in the shape of the Qwen 1.5B/0.5B pair on two CPU cores: a
+# target step of ~0.28 s, each draft forward ~0.08 s.
+CPU_COSTS = StepCosts(target_base=0.27, per_verified_token=0.005, round_base=0.1,
+                      per_extra_forward=0.08)
+FLAT_TARGET = StepCosts(target_base=0.02, per_verified_token=0.0, round_base=0.002,
+                        per_extra_forward=0.001)
+
+
+def constant_rates(rate: float, requests: int = 1, drafts: int = 4) -> np.ndarray:
+    return expected_tokens(np.full((requests, drafts), rate))
+
+
+def test_expected_tokens_chain_the_acceptance_by_position():
+    [row] = expected_tokens(np.array([[0.5, 0.5, 1.0]]))
+    assert row.tolist() == pytest.approx([1.0, 1.5, 1.75, 2.0])
+
+
+@pytest.mark.parametrize("costs", [CPU_COSTS, FLAT_TARGET])
+def test_no_drafts_where_their_cost_exceeds_what_acceptance_returns(costs):
+    picks, _ = best_draft_lengths(constant_rates(0.0, requests=3), costs)
+    assert picks.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("costs", [CPU_COSTS, FLAT_TARGET])
+def test_the_maximum_near_acceptance_one(costs):
+    picks, _ = best_draft_lengths(constant_rates(0.98, requests=2), costs)
+    assert picks.tolist() == [4, 4]
+
+
+def test_cheap_verification_drafts_further_than_expensive():
+    """At 50% acceptance one draft pays on the CPU-shaped costs; where the
+    target verifies for free and draft forwards are cheap, more do."""
+    cpu, _ = best_draft_lengths(constant_rates(0.5), CPU_COSTS)
+    flat, _ = best_draft_lengths(constant_rates(0.5), FLAT_TARGET)
+    assert cpu.tolist() == [1] and flat[0] > 1
+
+
+def test_the_round_is_shared_each_request_picks_within_it():
+    """A request that accepts nothing steps aside beside one that drafts the
+    maximum; the round's forwards are paid once."""
+    rates = np.array([[0.98] * 4, [0.0] * 4])
+    picks, rate = best_draft_lengths(expected_tokens(rates), CPU_COSTS)
+    assert picks.tolist() == [4, 0]
+    alone, _ = best_draft_lengths(expected_tokens(rates[:1]), CPU_COSTS)
+    assert alone.tolist() == [4]
+    assert rate > 0
+
+
+def test_round_cap_bounds_every_pick():
+    picks, _ = best_draft_lengths(constant_rates(0.98, requests=2), CPU_COSTS, max_round=2)
+    assert picks.tolist() == [2, 2]
+
+
+def test_acceptance_counts_tried_and_accepted_positions():
+    acceptance = AcceptanceByPosition(max_requests=2, max_drafts=4, decay=1.0,
+                                      prior_weight=1e-9)
+    slots = acceptance.slots(["a", "b"])
+    # a: 4 drafted, 2 accepted (1, 2 accepted; 3 rejected; 4 not tried).
+    # b: 1 drafted, 1 accepted.
+    acceptance.observe(slots, np.array([4, 1]), np.array([2, 1]))
+    assert acceptance.tried[slots[0]].tolist() == [1, 1, 1, 0]
+    assert acceptance.accepted[slots[0]].tolist() == [1, 1, 0, 0]
+    assert acceptance.tried[slots[1]].tolist() == [1, 0, 0, 0]
+    rates = acceptance.rates(slots)
+    assert rates[0, :3] == pytest.approx([1.0, 1.0, 0.0])
+    # Untried positions take the engine's pooled rate.
+    assert rates[1, 1] == pytest.approx(1.0) and rates[0, 3] == pytest.approx(
+        acceptance.pooled_accepted[3] / acceptance.pooled_tried[3])
+
+
+def test_a_released_slot_starts_afresh():
+    acceptance = AcceptanceByPosition(max_requests=1, max_drafts=2)
+    acceptance.observe(acceptance.slots(["a"]), np.array([2]), np.array([0]))
+    acceptance.release("a")
+    [slot] = acceptance.slots(["b"])
+    assert acceptance.tried[slot].tolist() == [0, 0]
+
+
+def test_decayed_fit_finds_slope_and_keeps_it_while_the_level_drifts():
+    fit = DecayedLinearFit(decay=0.9)
+    assert fit.slope == 0.0  # the prior, until x varies
+    for x in (1, 5, 2, 4, 3):
+        fit.add(x, 0.2 + 0.01 * x)
+    assert fit.slope == pytest.approx(0.01) and fit.intercept == pytest.approx(0.2)
+    for step in range(50):  # contexts grow: the level drifts up, x stays
+        fit.add(5, 0.25 + 0.004 * step)
+    assert fit.slope == pytest.approx(0.01)
+    # The decayed mean follows the drift about ten samples behind.
+    assert fit(5) == pytest.approx(0.25 + 0.004 * (49 - 9), rel=0.01)
+
+
+def simulate(policy: SpeculationPolicy, acceptance_at_step, steps: int, costs=CPU_COSTS,
+             req_ids=("a",), rng=None) -> list[list[int]]:
+    """Drive the policy as the engine would: pick, verify (each draft accepted
+    with the step's probability while the chain holds), time the step."""
+    rng = rng or np.random.default_rng(0)
+    history = []
+    for step in range(steps):
+        picks = policy.pick(list(req_ids), np.ones(len(req_ids), dtype=bool), 4)
+        accepted = np.zeros(len(req_ids), dtype=np.int64)
+        for row, rate in enumerate(np.broadcast_to(acceptance_at_step(step), len(req_ids))):
+            while accepted[row] < picks[row] and rng.random() < rate:
+                accepted[row] += 1
+        policy.observe_step(list(req_ids), picks, accepted)
+        policy.observe_target(int(len(req_ids) + picks.sum()),
+                              costs.target_base + costs.per_verified_token * (
+                                  len(req_ids) + picks.sum()))
+        forwards = max(int(picks.max()), 1)
+        policy.observe_round(forwards, costs.round_base + costs.per_extra_forward * (
+            forwards - 1))
+        history.append(picks.tolist())
+    return history
+
+
+def test_warmup_cycles_round_lengths_so_costs_see_spread():
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    history = simulate(policy, lambda step: 0.9, policy.warmup_rounds)
+    assert [picks[0] for picks in history] == [4, 3, 2, 1, 4, 3, 2, 1]
+    costs = policy.current_costs()
+    assert costs.per_verified_token == pytest.approx(CPU_COSTS.per_verified_token)
+    assert costs.per_extra_forward == pytest.approx(CPU_COSTS.per_extra_forward)
+
+
+def test_steps_aside_and_probes_rarely_while_probes_fail():
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    history = simulate(policy, lambda step: 0.0, 100)
+    after_warmup = [picks[0] for picks in history[policy.warmup_rounds:]]
+    drafted = sum(1 for pick in after_warmup if pick)
+    assert drafted <= len(after_warmup) / 5
+    assert set(after_warmup) <= {0, 1}  # probes draft one token
+    # The wait doubles after each failed probe, up to its ceiling.
+    assert policy.probe_wait["a"] == policy.max_probe_every
+    assert policy.counters.probes >= 3
+
+
+def test_comes_back_when_its_text_turns_predictable():
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    history = simulate(policy, lambda step: 0.0 if step < 60 else 0.97, 120)
+    assert all(picks[0] <= 1 for picks in history[20:60])
+    resumed = [picks[0] for picks in history[60 + policy.max_probe_every + 8:]]
+    assert sum(resumed) / len(resumed) >= 3.5
+
+
+def test_requests_not_decoding_draft_nothing_and_a_finished_one_is_forgotten():
+    policy = SpeculationPolicy(max_drafts=4, max_requests=2)
+    picks = policy.pick(["a", "b"], np.array([True, False]), 4)
+    assert picks[1] == 0 and picks[0] > 0
+    policy.release("a")
+    policy.release("b")
+    assert policy.held_requests() == 0

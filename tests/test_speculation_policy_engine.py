@@ -1,0 +1,136 @@
+"""The per-request speculation policy in a real vLLM engine (tiny pairs):
+lossless with requests stepping aside beside requests drafting, stepping
+aside from a draft that accepts nothing, and coming back, not stale, when
+a request's text turns predictable."""
+
+import pytest
+
+from conftest import MIXED_PROMPT_LENGTHS, run_engine
+from policy_drafts import (
+    PHASED_MAX_TOKENS,
+    accepting_nothing,
+    failing_on,
+    first_phase_length,
+    phased_prompt,
+)
+
+CHAIN_DRAFT_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def prompts(mixed_prompts):
+    """The phased prompt first, then the mixed batch's (past the draft's
+    2,048 positions included)."""
+    return [phased_prompt()] + mixed_prompts
+
+
+@pytest.fixture(scope="module")
+def target_only(tiny_pair, prompts, tmp_path_factory):
+    job = {"model": tiny_pair.target, "prompts": prompts, "max_tokens": PHASED_MAX_TOKENS}
+    result, _ = run_engine(job, tmp_path_factory.mktemp("target_only"))
+    return result["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def first_phase(target_only):
+    """Length of the phased request's first phase (no token of it later)."""
+    length = first_phase_length(target_only[0])
+    assert 60 <= length <= PHASED_MAX_TOKENS - 120, length
+    return length
+
+
+@pytest.fixture(scope="module")
+def phased_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
+    """The tiny draft, failing wherever the target's next token is one of
+    the phased request's first phase."""
+    return failing_on(tiny_pair.draft, set(target_only[0][:first_phase]),
+                      tmp_path_factory.mktemp("phased") / "draft")
+
+
+def specextend_job(target, draft, prompts, **settings):
+    return {"model": target, "prompts": prompts, "max_tokens": PHASED_MAX_TOKENS,
+            "speculative_config": {"method": "specextend", "model": draft,
+                                   "num_speculative_tokens": CHAIN_DRAFT_TOKENS, **settings},
+            "request_state": True}
+
+
+def test_mixed_batch_some_step_aside_lossless(tiny_pair, prompts, target_only, phased_draft,
+                                              tmp_path):
+    """The phased request steps aside while the others draft; every output
+    equals the target alone's."""
+    result, log = run_engine(specextend_job(tiny_pair.target, phased_draft, prompts), tmp_path)
+    assert result["token_ids"] == target_only
+    state = result["request_state"]
+    assert state["policy_requests_stepped_aside"] > 0
+    assert state["policy_requests_drafting"] > state["policy_requests_stepped_aside"]
+    assert state["policy_held_requests"] == 0  # forgotten with vLLM's requests
+    assert result["spec_decode"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert "per-request speculation policy on" in log
+
+
+def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, target_only,
+                                                       tmp_path):
+    """After warm-up the engine drafts for a request in at most one step in
+    five (vLLM's counters), and stays lossless."""
+    draft = accepting_nothing(tiny_pair.draft, tmp_path / "random_draft")
+    batch = prompts[:3]
+    result, _ = run_engine(specextend_job(tiny_pair.target, draft, batch), tmp_path / "run")
+    assert result["token_ids"] == target_only[:3]
+    counters, state = result["spec_decode"], result["request_state"]
+    assert counters["vllm:spec_decode_num_accepted_tokens"] <= 2
+    # Nothing is accepted: each request takes one step per output token.
+    request_steps = len(batch) * PHASED_MAX_TOKENS
+    warmup_drafts = state["policy_warmup_rounds"] * len(batch)
+    assert counters["vllm:spec_decode_num_drafts"] - warmup_drafts <= request_steps / 5
+    assert state["policy_probes"] > 0
+
+
+@pytest.fixture(scope="module")
+def phased_runs(tiny_pair, prompts, first_phase, phased_draft, tmp_path_factory):
+    """The phased request alone, policy on and off, with vLLM's counters at
+    the end of its first phase, 40 tokens later, and at the end."""
+    marks = [first_phase, first_phase + 40, PHASED_MAX_TOKENS]
+    runs = {}
+    for adaptive in (True, False):
+        job = specextend_job(tiny_pair.target, phased_draft, prompts[:1], adaptive=adaptive)
+        job["counter_marks"] = marks
+        runs[adaptive], _ = run_engine(job, tmp_path_factory.mktemp(f"phased_{adaptive}"))
+    return runs
+
+
+def _between(snapshots, first: int, last: int) -> dict:
+    """vLLM's counters over the output between two marks (-1: the start)."""
+    def at(index, name):
+        return snapshots[index][name] if index >= 0 else 0 * snapshots[last][name]
+
+    counts = {name: snapshots[last][name] - at(first, name)
+              for name in snapshots[last] if name.startswith("vllm:")}
+    counts["tokens"] = snapshots[last]["output_tokens"] - (
+        snapshots[first]["output_tokens"] if first >= 0 else 0)
+    before = snapshots[first]["accepted_by_position"] if first >= 0 else []
+    counts["accepted_first_draft"] = snapshots[last]["accepted_by_position"][0] - (
+        before[0] if before else 0)
+    return counts
+
+
+def test_comes_back_not_stale(phased_runs, target_only):
+    """Through the first phase the policy steps aside; once the text turns
+    predictable it drafts again, and its drafts are accepted as often as
+    the same request's with the policy off: the draft read the tokens of the
+    steps it sat out. (On the tiny pair a draft forward costs about what
+    the target's does, so the policy drafts one token where the policy-off
+    run drafts four: the comparison is per drafted position, the first.)"""
+    on, off = (phased_runs[a]["counters_along_output"] for a in (True, False))
+    assert phased_runs[True]["token_ids"][0] == target_only[0]
+    assert phased_runs[False]["token_ids"][0] == target_only[0]
+    first_on, first_off = _between(on, -1, 0), _between(off, -1, 0)
+    assert first_off["vllm:spec_decode_num_drafts"] >= first_off["tokens"] - 1
+    assert first_on["vllm:spec_decode_num_draft_tokens"] <= (
+        first_off["vllm:spec_decode_num_draft_tokens"] / 10)
+    later_on, later_off = _between(on, 1, 2), _between(off, 1, 2)
+    steps_on = later_on["tokens"] - later_on["vllm:spec_decode_num_accepted_tokens"]
+    assert later_on["vllm:spec_decode_num_drafts"] >= 0.8 * steps_on, later_on
+    first_draft_hits = {name: run["accepted_first_draft"] / run["vllm:spec_decode_num_drafts"]
+                        for name, run in (("on", later_on), ("off", later_off))}
+    assert first_draft_hits["off"] >= 0.3, first_draft_hits  # the phase is predictable
+    assert first_draft_hits["on"] >= 0.9 * first_draft_hits["off"], first_draft_hits

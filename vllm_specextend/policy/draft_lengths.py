@@ -1,0 +1,49 @@
+"""How many tokens each request drafts this round, for the most tokens per
+second over the batch's step.
+
+A step verifying k_i drafts of each request i yields sum_i E_i(k_i) tokens
+(E from `acceptance.expected_tokens`) in
+    target_base + per_verified_token * sum_i (1 + k_i)
+  + round_base + per_extra_forward * (max_i k_i - 1)^+
+seconds: the target's cost grows with the tokens it verifies, and the
+batch's draft forwards are shared, so the round runs as many as the longest
+pick. For each round length m the ratio is maximised over k_i <= m by
+Dinkelbach's iteration (each request's best k under the current rate);
+the best m wins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vllm_specextend.policy.costs import StepCosts
+
+DINKELBACH_ITERATIONS = 6
+
+
+def best_draft_lengths(expected: np.ndarray, costs: StepCosts,
+                       max_round: int | None = None) -> tuple[np.ndarray, float]:
+    """`expected`: [requests, max_drafts + 1]. Returns each request's draft
+    length (at most `max_round`) and the step's expected tokens per second."""
+    num_requests, width = expected.shape
+    max_round = width - 1 if max_round is None else min(max_round, width - 1)
+    lengths = np.arange(width)
+    best_picks, best_rate = np.zeros(num_requests, dtype=np.int64), -1.0
+    for round_length in range(max_round + 1):
+        allowed = lengths[None, :] <= round_length
+        rate = 0.0
+        for _ in range(DINKELBACH_ITERATIONS):
+            gain = expected - rate * costs.per_verified_token * lengths[None, :]
+            picks = np.where(allowed, gain, -np.inf).argmax(axis=1)
+            rate = _tokens_per_second(expected, picks, costs)
+        if rate > best_rate + 1e-12:
+            best_picks, best_rate = picks, rate
+    return best_picks, best_rate
+
+
+def _tokens_per_second(expected: np.ndarray, picks: np.ndarray, costs: StepCosts) -> float:
+    tokens = expected[np.arange(len(picks)), picks].sum()
+    extra_forwards = max(int(picks.max(initial=0)) - 1, 0)
+    seconds = (costs.target_base + costs.per_verified_token * (len(picks) + picks.sum())
+               + costs.round_base + costs.per_extra_forward * extra_forwards)
+    return float(tokens / max(seconds, 1e-9))

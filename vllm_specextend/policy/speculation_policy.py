@@ -1,0 +1,147 @@
+"""The per-request speculation policy: a state machine the drafting glue
+feeds with what each step verified and what it cost, and asks, before each
+drafting round, how many tokens every request drafts.
+
+- Warm-up: the first rounds cycle the round length from the maximum down
+  to 1, every request alike, so that both cost fits see spread.
+- Then each round: `best_draft_lengths` over the decoding requests, from
+  their acceptance by position and the measured costs.
+- A request at 0 has stepped aside: its drafts cost more than they return.
+  Its new tokens still reach the draft (the round's first pass always
+  runs). Every `probe_every` rounds aside it drafts one token, a probe;
+  each failed probe doubles the wait (up to `max_probe_every`), an
+  accepted one resets it, so a request whose text turns predictable
+  (copying, code) comes back. A probe costs one verified token: the first
+  pass that yields its draft runs anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
+from vllm_specextend.policy.costs import MeasuredCosts, StepCosts
+from vllm_specextend.policy.draft_lengths import best_draft_lengths
+
+
+@dataclass
+class PolicyCounters:
+    """Totals since start-up, for metrics: decoding requests per round,
+    summed over rounds, split by what the policy picked."""
+
+    rounds: int = 0
+    warmup_rounds: int = 0
+    requests_drafting: int = 0
+    requests_stepped_aside: int = 0
+    probes: int = 0
+    drafts_picked: int = 0
+    picks_by_length: list[int] = field(default_factory=list)
+
+    def add(self, picks: np.ndarray, probes: int, warmup: bool, max_drafts: int) -> None:
+        if not self.picks_by_length:
+            self.picks_by_length = [0] * (max_drafts + 1)
+        self.rounds += 1
+        self.warmup_rounds += warmup
+        self.requests_drafting += int((picks > 0).sum())
+        self.requests_stepped_aside += int((picks == 0).sum())
+        self.probes += probes
+        self.drafts_picked += int(picks.sum())
+        for length, count in enumerate(np.bincount(picks, minlength=max_drafts + 1)):
+            self.picks_by_length[length] += int(count)
+
+    def mean_pick(self) -> float:
+        decided = self.requests_drafting + self.requests_stepped_aside
+        return self.drafts_picked / decided if decided else 0.0
+
+
+class SpeculationPolicy:
+    def __init__(self, max_drafts: int, max_requests: int, decay: float = 0.9,
+                 warmup_rounds: int | None = None, probe_every: int = 4,
+                 max_probe_every: int = 16):
+        self.max_drafts = max_drafts
+        self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
+        self.costs = MeasuredCosts(decay)
+        self.warmup_rounds = 2 * max_drafts if warmup_rounds is None else warmup_rounds
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.rounds_aside: dict[str, int] = {}
+        self.probe_wait: dict[str, int] = {}
+        self.probing: set[str] = set()
+        self.counters = PolicyCounters()
+
+    def pick(self, req_ids: list[str], decoding: np.ndarray, round_cap: int) -> np.ndarray:
+        """Draft lengths for this round's requests; 0 for those not decoding
+        (a prefill chunk drafts nothing vLLM would schedule)."""
+        cap = min(round_cap, self.max_drafts)
+        slots = self.acceptance.slots(req_ids)
+        warmup = self.counters.rounds < self.warmup_rounds or not self.costs.ready()
+        probes = 0
+        if cap == 0:
+            picks = np.zeros(len(req_ids), dtype=np.int64)
+        elif warmup:
+            picks = np.full(len(req_ids), cap - self.counters.rounds % cap, dtype=np.int64)
+        else:
+            expected = expected_tokens(self.acceptance.rates(slots))
+            picks = np.zeros(len(req_ids), dtype=np.int64)
+            if decoding.any():
+                picks[decoding], _ = best_draft_lengths(expected[decoding],
+                                                        self.costs.current(), cap)
+            picks, probes = self._probe(req_ids, np.where(decoding, picks, 0), decoding)
+        picks = np.where(decoding, picks, 0)
+        self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
+        return picks
+
+    def _probe(self, req_ids: list[str], picks: np.ndarray,
+               decoding: np.ndarray) -> tuple[np.ndarray, int]:
+        """Requests aside long enough draft one token this round."""
+        probes = 0
+        for row, req_id in enumerate(req_ids):
+            if not decoding[row]:
+                continue
+            if picks[row] > 0:
+                self.rounds_aside.pop(req_id, None)
+                continue
+            aside = self.rounds_aside.get(req_id, 0) + 1
+            if aside >= self.probe_wait.get(req_id, self.probe_every):
+                picks[row], aside = 1, 0
+                self.probing.add(req_id)
+                probes += 1
+            self.rounds_aside[req_id] = aside
+        return picks, probes
+
+    def observe_step(self, req_ids: list[str], drafted: np.ndarray,
+                     accepted: np.ndarray) -> None:
+        """What one verification step accepted of the drafts it scheduled."""
+        verified = drafted > 0
+        if not verified.any():
+            return
+        ids = [req_id for req_id, v in zip(req_ids, verified) if v]
+        self.acceptance.observe(self.acceptance.slots(ids), drafted[verified],
+                                accepted[verified])
+        for req_id, hit in zip(ids, accepted[verified] > 0):
+            if req_id in self.probing:
+                self.probing.discard(req_id)
+                wait = self.probe_wait.get(req_id, self.probe_every)
+                self.probe_wait[req_id] = (self.probe_every if hit
+                                           else min(2 * wait, self.max_probe_every))
+
+    def observe_target(self, verified_tokens: int, seconds: float) -> None:
+        self.costs.observe_target(verified_tokens, seconds)
+
+    def observe_round(self, forwards: int, seconds: float) -> None:
+        self.costs.observe_round(forwards, seconds)
+
+    def release(self, req_id: str) -> None:
+        """The request finished: forget it."""
+        self.acceptance.release(req_id)
+        self.rounds_aside.pop(req_id, None)
+        self.probe_wait.pop(req_id, None)
+        self.probing.discard(req_id)
+
+    def held_requests(self) -> int:
+        return len(self.acceptance.slot_of)
+
+    def current_costs(self) -> StepCosts:
+        return self.costs.current()

@@ -1,0 +1,203 @@
+"""The per-request speculation policy inside vLLM's V1 runner.
+
+vLLM's proposers take the round's draft length as an argument
+(`propose(num_speculative_tokens, ...)`, its dynamic speculation's hook:
+with 0 the first pass still runs, so the draft's cache stays current).
+Each drafting round the policy picks a length per request; the round runs
+the longest, and the drafts handed to the scheduler are cut to each
+request's pick, so vLLM verifies only those. What it learns from reaches
+the host anyway: the scheduled drafts and the sampled tokens of every step.
+Costs are timed here: the target's share of an engine step and the
+drafting round, by the wall clock on CPU (vLLM's CPU runner is
+synchronous) and by CUDA events read a step later on GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_specextend.policy.speculation_policy import SpeculationPolicy
+
+logger = logging.getLogger("vllm.specextend")
+
+
+class StepClock:
+    """Timestamps of the host's clock (CPU) or CUDA events (GPU); an
+    interval is read once its end has happened, never by waiting for it."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+
+    def now(self):
+        if not self.events:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def done(self, stamp) -> bool:
+        return not self.events or stamp.query()
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.events else end - start
+
+
+@dataclass
+class _TimedStep:
+    """One engine step: when it began and ended, when its drafting round
+    began and ended, the tokens the target verified, the round's forwards."""
+
+    began: object
+    verified_tokens: int
+    decode_only: bool
+    round_began: object = None
+    round_ended: object = None
+    forwards: int = 0
+    ended: object = None
+
+
+class PolicyHooks:
+    """The policy beside one proposer, and what the runner hooks feed it."""
+
+    def __init__(self, max_drafts: int, max_requests: int, device: torch.device,
+                 tensor_parallel: bool):
+        self.policy = SpeculationPolicy(max_drafts, max_requests)
+        self.clock = StepClock(device)
+        self.tensor_parallel = tensor_parallel
+        self.picks: dict[str, int] = {}
+        self.scheduled_drafts: dict[str, int] = {}
+        self.step: _TimedStep | None = None
+        self.pending: list[_TimedStep] = []
+        logger.info(
+            "SpecExtend: per-request speculation policy on: each request drafts 0 to %d "
+            "tokens a round, from its acceptance by draft position and the measured "
+            "costs of target steps and draft forwards (%d warm-up rounds; a request "
+            "that stepped aside probes with one draft every %d rounds, waiting up to %d "
+            "after failed probes)", max_drafts, self.policy.warmup_rounds,
+            self.policy.probe_every, self.policy.max_probe_every)
+
+    # engine step: execute_model ... sample_tokens (drafting round inside)
+    def step_began(self, scheduler_output) -> None:
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        self.scheduled_drafts = {req_id: len(ids) for req_id, ids in spec.items()}
+        decode_only = all(count == 1 + self.scheduled_drafts.get(req_id, 0)
+                          for req_id, count in scheduler_output.num_scheduled_tokens.items())
+        self.step = _TimedStep(self.clock.now(), scheduler_output.total_num_scheduled_tokens,
+                               decode_only)
+
+    def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int) -> int:
+        """Pick every request's draft length; the round runs the longest."""
+        picks = self.policy.pick(req_ids, decoding, round_cap)
+        if self.tensor_parallel:
+            # Costs are timed per rank: every rank runs rank 0's picks.
+            from vllm.distributed import get_tp_group
+
+            picks = get_tp_group().broadcast_object(picks, src=0)
+        self.picks = dict(zip(req_ids, picks.tolist()))
+        if self.step is not None:
+            self.step.round_began = self.clock.now()
+        return int(picks.max(initial=0))
+
+    def round_ended(self, forwards: int) -> None:
+        if self.step is not None:
+            self.step.round_ended, self.step.forwards = self.clock.now(), forwards
+
+    def step_ended(self, output) -> None:
+        """Learn from the step's verification; time the steps that have ended."""
+        sampled = getattr(output, "sampled_token_ids", None)
+        if sampled is not None and self.scheduled_drafts:
+            # A request that sampled nothing (a prefill chunk) verified nothing.
+            drafted = np.array([self.scheduled_drafts.get(req_id, 0) if ids else 0
+                                for req_id, ids in zip(output.req_ids, sampled)])
+            accepted = np.array([max(len(ids) - 1, 0) for ids in sampled])
+            self.policy.observe_step(output.req_ids, drafted, accepted)
+        if self.step is not None:
+            self.step.ended = self.clock.now()
+            if self.step.decode_only and self.step.round_ended is not None:
+                self.pending.append(self.step)
+            self.step = None
+        self._read_timings()
+
+    def _read_timings(self) -> None:
+        while self.pending and self.clock.done(self.pending[0].ended):
+            step = self.pending.pop(0)
+            round_s = self.clock.seconds(step.round_began, step.round_ended)
+            self.policy.observe_round(step.forwards, round_s)
+            self.policy.observe_target(
+                step.verified_tokens, self.clock.seconds(step.began, step.ended) - round_s)
+
+    def cut_to_picks(self, draft_token_ids):
+        """The scheduler gets each request's drafts cut to its pick."""
+        if draft_token_ids is None or not self.picks:
+            return draft_token_ids
+        draft_token_ids.draft_token_ids = [
+            ids[: self.picks.get(req_id, len(ids))]
+            for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids)]
+        return draft_token_ids
+
+    def forget(self, req_id: str) -> None:
+        self.policy.release(req_id)
+        self.picks.pop(req_id, None)
+
+    def state(self) -> dict:
+        counters = self.policy.counters
+        costs = self.policy.current_costs()
+        return {
+            "policy_rounds": counters.rounds,
+            "policy_warmup_rounds": counters.warmup_rounds,
+            "policy_requests_drafting": counters.requests_drafting,
+            "policy_requests_stepped_aside": counters.requests_stepped_aside,
+            "policy_probes": counters.probes,
+            "policy_drafts_picked": counters.drafts_picked,
+            "policy_mean_pick": counters.mean_pick(),
+            "policy_picks_by_length": counters.picks_by_length,
+            "policy_held_requests": self.policy.held_requests(),
+            "policy_costs_s": {"target_base": costs.target_base,
+                               "per_verified_token": costs.per_verified_token,
+                               "round_base": costs.round_base,
+                               "per_extra_forward": costs.per_extra_forward},
+        }
+
+
+def _hooks_of(runner) -> PolicyHooks | None:
+    drafting = getattr(getattr(runner, "drafter", None), "specextend", None)
+    return getattr(drafting, "policy_hooks", None)
+
+
+def wrap_execute_model(original):
+    @functools.wraps(original)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        hooks = _hooks_of(self)
+        if hooks is not None:
+            hooks.step_began(scheduler_output)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def wrap_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        hooks = _hooks_of(self)
+        if hooks is not None:
+            hooks.step_ended(output)
+        return output
+
+    return sample_tokens
+
+
+def wrap_take_draft_token_ids(original):
+    @functools.wraps(original)
+    def take_draft_token_ids(self):
+        hooks = _hooks_of(self)
+        taken = original(self)
+        return taken if hooks is None else hooks.cut_to_picks(taken)
+
+    return take_draft_token_ids
