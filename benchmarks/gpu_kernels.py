@@ -409,6 +409,33 @@ def launch_configs(bench: Bench, shapes: dict, results: dict) -> None:
                 print(json.dumps(row), flush=True)
 
 
+def step_clock(bench: Bench, results: dict) -> None:
+    """The speculation policy's clock (vllm_specextend.policy.step_clock):
+    reading an interval never waits for the device, and once its end has
+    happened it measures what the device did (a busy-wait of known length
+    between the stamps)."""
+    torch = bench.torch
+    from vllm_specextend.policy.step_clock import StepClock
+
+    clock = StepClock(bench.device)
+    busy = torch.randn(2048, 2048, device=bench.device)
+    start = clock.now()
+    for _ in range(200 if bench.device.type == "cuda" else 2):
+        busy = busy @ busy / 2048 ** 0.5
+    end = clock.now()
+    pending_right_after = not clock.done(end)
+    began = time.perf_counter()
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+    host_wait_s = time.perf_counter() - began
+    measured = clock.seconds(start, end)
+    results["correctness"].append(dict(
+        kernel="policy step clock", device=str(bench.device), measured_s=measured,
+        pending_right_after_the_work=pending_right_after, host_wait_s=host_wait_s,
+        passed=clock.done(end) and measured > 0 and (
+            bench.device.type != "cuda" or (pending_right_after and measured >= host_wait_s))))
+
+
 def compass(bench: Bench, shapes: dict, results: dict) -> None:
     torch = bench.torch
     import torch.nn.functional as F
@@ -587,6 +614,7 @@ def main() -> None:
     chunk_scoring(bench, shapes, results)
     tree_attention(bench, shapes, results)
     draft_tree(bench, shapes, results)
+    step_clock(bench, results)
     compass(bench, shapes, results)
     failed = [c for c in results["correctness"] if not c["passed"]]
     results["all_correct"] = not failed

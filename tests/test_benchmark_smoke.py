@@ -74,7 +74,7 @@ def test_gpu_kernels_smoke(tmp_path):
     assert results["all_correct"]
     kernels = {case["kernel"] for case in results["correctness"]}
     assert kernels == {"chunk_scores", "hybrid_tree_attention (prefix + tree part + merge)",
-                       "draft_tree_attention"}
+                       "draft_tree_attention", "policy step clock"}
     assert {"hta_vs_decode", "cmr_refresh"} <= set(results["compass"])
     configs = results["launch_configs"]
     assert {c["kernel"] for c in configs} == {"_prefix_split_kernel", "_chunk_scores_kernel"}

@@ -16,36 +16,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_specextend.policy.speculation_policy import SpeculationPolicy
+from vllm_specextend.policy.step_clock import StepClock
 
 logger = logging.getLogger("vllm.specextend")
-
-
-class StepClock:
-    """Timestamps of the host's clock (CPU) or CUDA events (GPU); an
-    interval is read once its end has happened, never by waiting for it."""
-
-    def __init__(self, device: torch.device):
-        self.events = device.type == "cuda"
-
-    def now(self):
-        if not self.events:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def done(self, stamp) -> bool:
-        return not self.events or stamp.query()
-
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1e3 if self.events else end - start
 
 
 @dataclass
