@@ -14,7 +14,7 @@ def test_loading_twice_is_harmless():
     from vllm.plugins import load_general_plugins
 
     from vllm_specextend.plugin import register
-    from vllm_specextend.vllm_glue import PATCHES
+    from vllm_specextend.vllm_glue.registry import PATCHES
     from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches
 
     load_general_plugins()
@@ -68,6 +68,19 @@ def test_another_vllm_version_is_left_alone(tiny_pair):
     assert result["stock_model"] == tiny_pair.target  # runs without specextend work
     assert "SpecExtendConfigError" in result["refusal"]
     assert "vLLM 0.99.0 is installed; vllm-specextend supports vLLM 0.32.0" in result["refusal"]
+
+
+def test_glue_that_cannot_import_is_refused_not_crashed(tiny_pair):
+    """A vLLM whose internals our glue cannot import (here: a function the
+    drafting glue imports is gone): loading the plugin must not fail the
+    process; stock engines run, specextend is refused naming the import."""
+    result, log = isolated("import vllm.forward_context\n"
+                           "del vllm.forward_context.set_forward_context", tiny_pair)
+    assert log.count("vllm-specextend changes nothing in this process") == 1
+    assert result["patches"] == ["vllm.engine.arg_utils.EngineArgs.create_engine_config"]
+    assert result["stock_model"] == tiny_pair.target
+    assert "glue cannot import on this vLLM 0.32.0" in result["refusal"]
+    assert "set_forward_context" in result["refusal"]
 
 
 def test_a_missing_patch_target_is_named_and_nothing_patched(tiny_pair):

@@ -26,7 +26,6 @@ def register() -> None:
     _registered = True
     import vllm
 
-    from vllm_specextend.vllm_glue import PATCHES
     from vllm_specextend.vllm_glue.engine_config import refusing_patch
     from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches, missing
 
@@ -34,9 +33,16 @@ def register() -> None:
     if vllm.__version__ != SUPPORTED_VLLM_VERSION:
         problem = (f"vLLM {vllm.__version__} is installed; vllm-specextend supports vLLM "
                    f"{SUPPORTED_VLLM_VERSION}")
-    elif absent := missing(PATCHES):
-        problem = (f"this vLLM {vllm.__version__} lacks what vllm-specextend patches "
-                   f"({', '.join(absent)})")
+    else:
+        try:
+            from vllm_specextend.vllm_glue.registry import PATCHES
+        except ImportError as error:
+            problem = (f"vllm-specextend's glue cannot import on this vLLM "
+                       f"{vllm.__version__} ({error})")
+        else:
+            if absent := missing(PATCHES):
+                problem = (f"this vLLM {vllm.__version__} lacks what vllm-specextend "
+                           f"patches ({', '.join(absent)})")
     if problem is not None:
         logger.warning("vllm-specextend changes nothing in this process: %s", problem)
         guard = refusing_patch(problem)

@@ -1,0 +1,133 @@
+"""The registry of every change vllm-specextend makes to vLLM's classes and
+modules: `PATCHES`, applied by the plugin's entry point. Importing it
+imports every glue module, and with them the vLLM internals they use; the
+entry point does so only after checking vLLM's version, and refuses
+cleanly if the import fails."""
+
+
+from vllm_specextend.vllm_glue.draft_model import (
+    wrap_build_attn_metadata,
+    wrap_input_fits_in_drafter,
+    wrap_proposer_load_model,
+    wrap_proposer_propose,
+)
+from vllm_specextend.vllm_glue.engine_config import (
+    wrap_create_engine_config,
+    wrap_v2_runner_unsupported,
+)
+from vllm_specextend.vllm_glue.patching import Patch
+from vllm_specextend.vllm_glue.processes import add_worker_state, wrap_runner_init
+from vllm_specextend.vllm_glue.sampling import (
+    wrap_apply_sampling_constraints,
+    wrap_expand_batch_to_tokens,
+    wrap_validate_params,
+)
+from vllm_specextend.vllm_glue.speculation_policy import (
+    wrap_execute_model,
+    wrap_sample_tokens,
+    wrap_take_draft_token_ids,
+)
+from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
+
+PATCHES = [
+    Patch(
+        "vllm.engine.arg_utils",
+        "EngineArgs.create_engine_config",
+        wrap_create_engine_config,
+        "accept method 'specextend', validate its settings, run as draft_model",
+    ),
+    Patch(
+        "vllm.config.vllm",
+        "VllmConfig._get_v2_model_runner_unsupported_features",
+        wrap_v2_runner_unsupported,
+        "SpecExtend's runner hooks live in the V1 model runner",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.__init__",
+        wrap_runner_init,
+        "give each model runner (CPU runner included) its SpecExtend settings",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.load_model",
+        wrap_proposer_load_model,
+        "working caches, the draft's attention and the target's query capture",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata",
+        wrap_build_attn_metadata,
+        "draft forwards with working caches: one split plan per forward",
+    ),
+    Patch(
+        "vllm.v1.spec_decode.llm_base_proposer",
+        "SpecDecodeBaseProposer.propose",
+        wrap_proposer_propose,
+        "before each drafting round: refresh working caches, plan the round",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._input_fits_in_drafter",
+        wrap_input_fits_in_drafter,
+        "draft for requests longer than the draft's positions",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.execute_model",
+        wrap_execute_model,
+        "speculation policy: time the step, note the drafts it verifies",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.sample_tokens",
+        wrap_sample_tokens,
+        "speculation policy: learn what the step accepted and what it cost",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner.take_draft_token_ids",
+        wrap_take_draft_token_ids,
+        "speculation policy: hand the scheduler each request's drafts cut to its pick",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._prepare_inputs",
+        wrap_prepare_inputs,
+        "tree mode: nodes at tree positions, the step's ancestor masks for HTA",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._sample",
+        wrap_sample,
+        "tree mode: draw the target's token at every tree row with vLLM's sampler, "
+        "accept a path of each tree and compact its K/V",
+    ),
+    Patch(
+        "vllm.v1.sample.rejection_sampler",
+        "expand_batch_to_tokens",
+        wrap_expand_batch_to_tokens,
+        "CPU build: vLLM's fallback loses float sampling parameters; chains that "
+        "sample go through vLLM's rejection sampler",
+    ),
+    Patch(
+        "vllm.v1.sample.rejection_sampler",
+        "apply_sampling_constraints",
+        wrap_apply_sampling_constraints,
+        "CPU build: a sampling step with no drafts at all skips vLLM's top-k "
+        "fallback, which fails on zero rows",
+    ),
+    Patch(
+        "vllm.v1.engine.input_processor",
+        "InputProcessor._validate_params",
+        wrap_validate_params,
+        "tree mode: refuse, naming it, a sampling parameter a tree cannot serve",
+    ),
+    Patch(
+        "vllm.v1.worker.worker_base",
+        "WorkerBase.specextend_state",
+        add_worker_state,
+        "report the plugin's per-request state and the worker's memory (soak checks)",
+        adds=True,
+    ),
+]
