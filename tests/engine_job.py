@@ -65,6 +65,8 @@ def main(job_path: str, result_path: str) -> None:
         [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
     if job.get("request_state"):
         result["request_state"] = _state_once_idle(llm)
+    if job.get("tree_reordered_buffers"):
+        [result["tree_reordered_buffers"]] = llm.collective_rpc(_tree_reordered_buffers)
     if "kv_blocks" in job:
         [result["kv_blocks"]] = llm.collective_rpc(_target_kv_blocks, args=(job["kv_blocks"],))
     if "draft_probe" in job:
@@ -224,6 +226,20 @@ def _refusal(llm, prompt, kwargs) -> str | None:
     except Exception as error:  # noqa: BLE001 (the message is what is checked)
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _tree_reordered_buffers(worker):
+    """Which of the runner's per-token buffers tree compaction reorders."""
+    from vllm_specextend.vllm_glue.tree_verification import _reordered_buffers
+
+    runner = worker.model_runner
+    named = {"input_ids": runner.input_ids.gpu, "positions": runner.positions}
+    retrieval = runner.drafter.specextend.retrieval
+    if retrieval is not None:
+        named["captured target queries"] = retrieval.capture.queries
+    reordered = list(_reordered_buffers(runner))
+    return sorted(name for name, buffer in named.items()
+                  if any(buffer is other for other in reordered))
 
 
 def _runner_settings(worker):

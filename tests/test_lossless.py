@@ -53,6 +53,7 @@ def specextend_run(request, tiny_pair, mixed_prompts, tmp_path_factory):
         "max_tokens": MAX_NEW_TOKENS,
         "collect_worker_settings": True,
         "request_state": True,
+        "tree_reordered_buffers": True,
     }
     result, log = run_engine(job, tmp_path_factory.mktemp("specextend"))
     return result, log, variant
@@ -129,6 +130,18 @@ def test_tree_mode_drafted_trees(specextend_run):
         counters = result["spec_decode"]
         per_draft = counters["vllm:spec_decode_num_draft_tokens"] / counters["vllm:spec_decode_num_drafts"]
         assert 1 < per_draft <= variant["tree_nodes"]
+
+
+def test_tree_compaction_reorders_the_captured_target_queries(specextend_run):
+    """After a tree step the runner's rows are put in chain order; the
+    target's captured final-layer queries must follow, or the next refresh
+    scores chunks with another token's query."""
+    result, _, variant = specextend_run
+    reordered = result["tree_reordered_buffers"]
+    expected = ["input_ids", "positions"]
+    if variant.get("retrieval", True):
+        expected.insert(0, "captured target queries")
+    assert reordered == expected
 
 
 def test_settings_reach_the_workers(specextend_run):

@@ -180,7 +180,7 @@ def _compact_accepted_paths(runner, trees: ScheduledTrees, tree: DraftTree, acce
 def _reordered_buffers(runner):
     yield runner.input_ids.gpu
     yield runner.positions
-    retrieval = getattr(runner.drafter, "specextend_retrieval", None)
+    retrieval = getattr(getattr(runner.drafter, "specextend", None), "retrieval", None)
     if retrieval is not None:
         yield retrieval.capture.queries
 
