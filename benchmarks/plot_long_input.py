@@ -120,6 +120,50 @@ def prefill_pairs(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def against_best_stock(lines: list[dict]) -> str:
+    """Each sample's decode speed against the better of target-only and
+    stock speculation on that sample (the per-request policy's goal), with
+    what the policy picked: mean draft length, share of request rounds
+    stepped aside, probes."""
+    samples = [r for r in lines if r["kind"] == "sample"]
+    by_key = defaultdict(dict)
+    for r in samples:
+        by_key[run_key(r)][r["method"]] = r
+    stock = [m for m in ("ar", "draft_model", "eagle3") if any(m in runs for runs in
+                                                               by_key.values())]
+    ours = list(dict.fromkeys(r["method"] for r in samples if r["method"].startswith(
+        "specextend")))
+    if len(stock) < 2 or not ours:
+        return ""
+    out = ["", f"Per sample, decode tok/s against max({', '.join(stock)}) on the same sample; "
+           "policy: mean draft length / share of request rounds stepped aside / probes:", "",
+           "| input | sample | best stock | " + " | ".join(ours) + " |",
+           "|---" * (3 + len(ours)) + "|"]
+    ratios = defaultdict(list)
+    for (source, sample, run), runs in sorted(by_key.items()):
+        if not all(m in runs for m in stock):
+            continue
+        best = max(stock, key=lambda m: runs[m]["decode_tokens_per_s"])
+        cells = []
+        for method in ours:
+            r = runs.get(method)
+            if r is None:
+                cells.append("-")
+                continue
+            ratios[method].append(r["decode_tokens_per_s"] / runs[best]["decode_tokens_per_s"])
+            policy = r.get("policy")
+            picked = ("" if not policy or policy["mean_pick"] is None else
+                      f" ({policy['mean_pick']:.2f} / {policy['stepped_aside_fraction']:.0%}"
+                      f" / {policy['probes']})")
+            cells.append(f"{ratios[method][-1]:.2f}x{picked}")
+        out.append(f"| {source} | {sample} | {best} "
+                   f"{runs[best]['decode_tokens_per_s']:.2f} | " + " | ".join(cells) + " |")
+    means = [f"{statistics.mean(ratios[m]):.2f}x (min {min(ratios[m]):.2f}x)"
+             if ratios[m] else "-" for m in ours]
+    out.append("| mean | | | " + " | ".join(means) + " |")
+    return "\n".join(out) + "\n"
+
+
 def dataset_of(row: dict) -> str:
     return row["input"].split("_")[0]
 
@@ -165,6 +209,7 @@ def main() -> None:
     lines = records(path)
     header, rows = summarize(lines)
     text = table(header, rows)
+    text += against_best_stock(lines)
     if header.get("interleaved"):
         text += prefill_pairs(lines)
     path.with_suffix(".md").write_text(text)

@@ -93,6 +93,23 @@ def test_interleaved_prefill_pairs_engine_by_engine():
     assert rows[-1] == "| geometric mean | | |  |  | 0.995x | |"
 
 
+def test_each_sample_against_the_better_of_ar_and_stock():
+    def sample(method, index, speed, policy=None):
+        return {"kind": "sample", "method": method, "input": "a.jsonl", "sample": index,
+                "run": 0, "decode_tokens_per_s": speed, "policy": policy}
+
+    policy = {"mean_pick": 1.5, "stepped_aside_fraction": 0.25, "probes": 2}
+    lines = [{"kind": "header"},
+             sample("ar", 0, 3.0), sample("draft_model", 0, 2.0), sample("specextend", 0, 3.3,
+                                                                         policy),
+             sample("ar", 1, 3.0), sample("draft_model", 1, 4.0), sample("specextend", 1, 3.6,
+                                                                         policy)]
+    rows = plot_long_input.against_best_stock(lines).splitlines()
+    assert rows[-3] == "| a.jsonl | 0 | ar 3.00 | 1.10x (1.50 / 25% / 2) |"
+    assert rows[-2] == "| a.jsonl | 1 | draft_model 4.00 | 0.90x (1.50 / 25% / 2) |"
+    assert rows[-1] == "| mean | | | 1.00x (min 0.90x) |"
+
+
 @pytest.mark.parametrize("dtype, counted", [("float32", 1), ("bfloat16", 0)])
 def test_mismatch_against_ar_is_flagged(tmp_path, capsys, dtype, counted):
     """Counted (the run fails) in float32; printed with the reason in bf16."""

@@ -4,16 +4,23 @@ import numpy as np
 import pytest
 
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
-from vllm_specextend.policy.costs import DecayedLinearFit, StepCosts
+from vllm_specextend.policy.costs import DecayedLinearFit, MeasuredCosts, StepCosts
 from vllm_specextend.policy.draft_lengths import best_draft_lengths
 from vllm_specextend.policy.speculation_policy import SpeculationPolicy
 
+def step_costs(target: float, per_token: float, first_pass: float, drafting: float,
+               per_forward: float, max_drafts: int = 4) -> StepCosts:
+    """A step: the target (plus each verified token), the draft's first pass
+    (always), a fixed cost of drafting at all, each forward past the first."""
+    return StepCosts(tuple(target + per_token * m + first_pass + drafting * (m > 0)
+                           + per_forward * max(m - 1, 0) for m in range(max_drafts + 1)),
+                     per_token)
+
+
 # Seconds, in the shape of the Qwen 1.5B/0.5B pair on two CPU cores: a
 # target step of ~0.28 s, each draft forward ~0.08 s.
-CPU_COSTS = StepCosts(target_base=0.27, per_verified_token=0.005, round_base=0.1,
-                      per_extra_forward=0.08)
-FLAT_TARGET = StepCosts(target_base=0.02, per_verified_token=0.0, round_base=0.002,
-                        per_extra_forward=0.001)
+CPU_COSTS = step_costs(0.27, 0.005, 0.08, 0.02, 0.1)
+FLAT_TARGET = step_costs(0.02, 0.0, 0.001, 0.0005, 0.001)
 
 
 def constant_rates(rate: float, requests: int = 1, drafts: int = 4) -> np.ndarray:
@@ -45,6 +52,15 @@ def test_cheap_verification_drafts_further_than_expensive():
     assert cpu.tolist() == [1] and flat[0] > 1
 
 
+def test_a_draft_forward_costlier_than_the_target_drafts_one_token():
+    """Drafting one token runs no forward past the first pass: where forwards
+    are dear (the tiny pair), one draft is the most that pays even at high
+    acceptance; where they are cheap, the maximum."""
+    dear = step_costs(0.003, 0.0, 0.0012, 0.0005, 0.004)
+    picks, _ = best_draft_lengths(constant_rates(0.7), dear)
+    assert picks.tolist() == [1]
+
+
 def test_the_round_is_shared_each_request_picks_within_it():
     """A request that accepts nothing steps aside beside one that drafts the
     maximum; the round's forwards are paid once."""
@@ -72,10 +88,9 @@ def test_acceptance_counts_tried_and_accepted_positions():
     assert acceptance.accepted[slots[0]].tolist() == [1, 1, 0, 0]
     assert acceptance.tried[slots[1]].tolist() == [1, 0, 0, 0]
     rates = acceptance.rates(slots)
-    assert rates[0, :3] == pytest.approx([1.0, 1.0, 0.0])
-    # Untried positions take the engine's pooled rate.
-    assert rates[1, 1] == pytest.approx(1.0) and rates[0, 3] == pytest.approx(
-        acceptance.pooled_accepted[3] / acceptance.pooled_tried[3])
+    assert rates[0, :3] == pytest.approx([1.0, 1.0, 0.0], abs=1e-6)
+    # An untried position takes the request's own rate at the one before.
+    assert rates[1, 1] == pytest.approx(1.0) and rates[0, 3] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_released_slot_starts_afresh():
@@ -112,23 +127,36 @@ def simulate(policy: SpeculationPolicy, acceptance_at_step, steps: int, costs=CP
             while accepted[row] < picks[row] and rng.random() < rate:
                 accepted[row] += 1
         policy.observe_step(list(req_ids), picks, accepted)
-        policy.observe_target(int(len(req_ids) + picks.sum()),
-                              costs.target_base + costs.per_verified_token * (
-                                  len(req_ids) + picks.sum()))
-        forwards = max(int(picks.max()), 1)
-        policy.observe_round(forwards, costs.round_base + costs.per_extra_forward * (
-            forwards - 1))
+        policy.observe_cost(int(picks.max()), int(picks.sum()),
+                            costs.step_seconds(int(picks.max()), int(picks.sum())))
         history.append(picks.tolist())
     return history
 
 
-def test_warmup_cycles_round_lengths_so_costs_see_spread():
+def test_warmup_measures_every_round_length():
     policy = SpeculationPolicy(max_drafts=4, max_requests=4)
     history = simulate(policy, lambda step: 0.9, policy.warmup_rounds)
-    assert [picks[0] for picks in history] == [4, 3, 2, 1, 4, 3, 2, 1]
-    costs = policy.current_costs()
-    assert costs.per_verified_token == pytest.approx(CPU_COSTS.per_verified_token)
-    assert costs.per_extra_forward == pytest.approx(CPU_COSTS.per_extra_forward)
+    assert [picks[0] for picks in history] == [4, 3, 2, 1, 0] * 2
+    assert policy.current_costs().step_by_round_length == pytest.approx(
+        CPU_COSTS.step_by_round_length)
+
+
+def test_measured_costs_per_token_from_batches_and_extrapolated_lengths():
+    costs = MeasuredCosts(max_drafts=4, decay=0.9)
+    truth = step_costs(0.2, 0.01, 0.05, 0.01, 0.04)
+    for drafts in (2, 3, 2, 4, 3):  # round length 2, several requests drafting
+        costs.observe_step(2, drafts, truth.step_seconds(2, drafts))
+    for drafts in (1, 2):
+        costs.observe_step(1, drafts, truth.step_seconds(1, drafts))
+    measured = costs.current()
+    assert measured.per_verified_token == pytest.approx(0.01)
+    assert measured.step_by_round_length[1:3] == pytest.approx(truth.step_by_round_length[1:3])
+    # Unmeasured lengths: the slope of the nearest two, never below zero cost.
+    slope = truth.step_by_round_length[2] - truth.step_by_round_length[1]
+    assert measured.step_by_round_length[4] == pytest.approx(
+        truth.step_by_round_length[2] + 2 * slope)
+    assert measured.step_by_round_length[0] == pytest.approx(
+        truth.step_by_round_length[1] - slope)
 
 
 def test_steps_aside_and_probes_rarely_while_probes_fail():

@@ -3,9 +3,12 @@
 A verification step that scheduled d drafts for a request and accepted n of
 them says: positions 1..n were accepted, position n + 1 (if n < d) was
 rejected, positions past it were not tried. Each request keeps decayed
-accepted/tried counts per position; its estimate is shrunk toward the
-engine's pooled rate at that position, so a new request starts from what
-the engine has seen and a position it has not tried keeps the pooled rate.
+accepted/tried counts per position. Its estimate at the first position is
+shrunk toward the engine's pooled rate there, so a new request starts from
+what the engine has seen; at each later position toward its own estimate
+at the position before, so a request whose drafts turn good is expected to
+keep them good further out than it has tried lately (the engine's rate at
+an untried position would stay stale).
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ class AcceptanceByPosition:
 
     def rates(self, slots: np.ndarray) -> np.ndarray:
         """[requests, max_drafts]: P(draft j accepted | drafts before it were)."""
-        pooled = self.pooled_accepted / np.maximum(self.pooled_tried, 1e-9)
-        return ((self.accepted[slots] + self.prior_weight * pooled)
-                / (self.tried[slots] + self.prior_weight))
+        rates = np.empty((len(slots), self.max_drafts))
+        prior = np.full(len(slots), self.pooled_accepted[0] / max(self.pooled_tried[0], 1e-9))
+        for position in range(self.max_drafts):
+            rates[:, position] = prior = (
+                (self.accepted[slots, position] + self.prior_weight * prior)
+                / (self.tried[slots, position] + self.prior_weight))
+        return rates
 
 
 def expected_tokens(rates: np.ndarray) -> np.ndarray:

@@ -1,11 +1,22 @@
-"""The engine's step costs, measured while it runs, as two decayed linear
-fits: the target's step against the tokens it verifies, and the drafting
-round against its draft forwards past the first (the first always runs: it
-keeps the draft's cache current)."""
+"""The engine's step costs, measured while it runs.
+
+A decoding step costs what its round length m (the longest pick) makes it
+cost, plus each further verified draft: S(m) + per_verified_token *
+(drafts - m). S(m) is measured per m (a decayed mean of whole steps): it
+holds every fixed cost of drafting at all (sampling the draft's first
+pass, the target's verification of drafts) and the forwards past the first,
+which no single straight line fits (m = 0 and m = 1 run the same forwards).
+The per-token cost comes from consecutive steps of the same round length
+that verified different numbers of drafts (batches), so the level drifting
+as contexts grow is not taken for it. A round length not measured yet
+costs what its measured neighbours say, extrapolated by their slope.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class DecayedLinearFit:
@@ -22,6 +33,11 @@ class DecayedLinearFit:
         self.samples = 0.0
         self._sum_x = self._sum_y = self._dx_dy = self._dx_dx = 0.0
         self._last: tuple[float, float] | None = None
+
+    def break_run(self) -> None:
+        """The next sample starts a new run: no difference is taken against
+        the last one."""
+        self._last = None
 
     def add(self, x: float, y: float) -> None:
         d = self.decay
@@ -52,29 +68,60 @@ class DecayedLinearFit:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds: a target step = target_base + per_verified_token * tokens;
-    a drafting round = round_base + per_extra_forward * (forwards - 1)."""
+    """Seconds: a decoding step whose longest draft is m costs
+    step_by_round_length[m], plus per_verified_token for each draft past m
+    (other requests' drafts verified in the same step)."""
 
-    target_base: float
+    step_by_round_length: tuple[float, ...]
     per_verified_token: float
-    round_base: float
-    per_extra_forward: float
+
+    def step_seconds(self, round_length: int, drafts: int) -> float:
+        return (self.step_by_round_length[round_length]
+                + self.per_verified_token * (drafts - round_length))
 
 
 class MeasuredCosts:
-    def __init__(self, decay: float = 0.9):
-        self.target = DecayedLinearFit(decay)
-        self.round = DecayedLinearFit(decay)
+    def __init__(self, max_drafts: int, decay: float = 0.9):
+        self.decay = decay
+        self.step_sum = np.zeros(max_drafts + 1)
+        self.step_weight = np.zeros(max_drafts + 1)
+        self.verify = DecayedLinearFit(decay)
+        self._round_length_of_last = None
 
-    def observe_target(self, verified_tokens: int, seconds: float) -> None:
-        self.target.add(verified_tokens, seconds)
+    def observe_step(self, round_length: int, drafts: int, seconds: float) -> None:
+        """One decoding step: its round length, the drafts it verified (all
+        requests), its seconds."""
+        if self._round_length_of_last != round_length:
+            self.verify.break_run()  # only steps of one round length differ by drafts alone
+        self.verify.add(drafts, seconds)
+        self._round_length_of_last = round_length
+        normalized = seconds - self.verify.slope * (drafts - round_length)
+        self.step_sum[round_length] = self.step_sum[round_length] * self.decay + normalized
+        self.step_weight[round_length] = self.step_weight[round_length] * self.decay + 1.0
 
-    def observe_round(self, forwards: int, seconds: float) -> None:
-        self.round.add(max(forwards - 1, 0), seconds)
-
-    def ready(self, min_samples: float = 2.0) -> bool:
-        return self.target.samples >= min_samples and self.round.samples >= min_samples
+    def ready(self) -> bool:
+        """At least two round lengths measured: enough to extrapolate."""
+        return int((self.step_weight > 0).sum()) >= 2
 
     def current(self) -> StepCosts:
-        return StepCosts(self.target.intercept, self.target.slope, self.round.intercept,
-                         self.round.slope)
+        measured = self.step_weight > 0
+        lengths = np.arange(len(self.step_sum))
+        means = np.where(measured, self.step_sum / np.maximum(self.step_weight, 1e-12), 0.0)
+        known = lengths[measured]
+        if len(known) == 0:
+            steps = np.zeros(len(lengths))
+        elif len(known) == 1:
+            steps = np.full(len(lengths), means[known[0]])
+        else:
+            # Between measured lengths: interpolate; past them: the slope of
+            # the two nearest, never less than the measured neighbour.
+            steps = np.interp(lengths, known, means[known])
+            low, high = known[:2], known[-2:]
+            slope_low = max((means[low[1]] - means[low[0]]) / (low[1] - low[0]), 0.0)
+            slope_high = max((means[high[1]] - means[high[0]]) / (high[1] - high[0]), 0.0)
+            steps = np.where(lengths < known[0],
+                             means[known[0]] - slope_low * (known[0] - lengths), steps)
+            steps = np.where(lengths > known[-1],
+                             means[known[-1]] + slope_high * (lengths - known[-1]), steps)
+        return StepCosts(tuple(float(max(t, 0.0)) for t in steps), self.verify.slope)
+

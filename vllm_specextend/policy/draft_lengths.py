@@ -2,13 +2,11 @@
 second over the batch's step.
 
 A step verifying k_i drafts of each request i yields sum_i E_i(k_i) tokens
-(E from `acceptance.expected_tokens`) in
-    target_base + per_verified_token * sum_i (1 + k_i)
-  + round_base + per_extra_forward * (max_i k_i - 1)^+
-seconds: the target's cost grows with the tokens it verifies, and the
-batch's draft forwards are shared, so the round runs as many as the longest
-pick. For each round length m the ratio is maximised over k_i <= m by
-Dinkelbach's iteration (each request's best k under the current rate);
+(E from `acceptance.expected_tokens`) in `StepCosts.step_seconds(m, sum_i
+k_i)` seconds, m = max_i k_i: the batch's draft forwards are shared, so the
+round runs as many as the longest pick, and each further draft costs its
+verification. For each round length m the ratio is maximised over k_i <= m
+by Dinkelbach's iteration (each request's best k under the current rate);
 the best m wins.
 """
 
@@ -43,7 +41,5 @@ def best_draft_lengths(expected: np.ndarray, costs: StepCosts,
 
 def _tokens_per_second(expected: np.ndarray, picks: np.ndarray, costs: StepCosts) -> float:
     tokens = expected[np.arange(len(picks)), picks].sum()
-    extra_forwards = max(int(picks.max(initial=0)) - 1, 0)
-    seconds = (costs.target_base + costs.per_verified_token * (len(picks) + picks.sum())
-               + costs.round_base + costs.per_extra_forward * extra_forwards)
+    seconds = costs.step_seconds(int(picks.max(initial=0)), int(picks.sum()))
     return float(tokens / max(seconds, 1e-9))

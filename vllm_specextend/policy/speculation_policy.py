@@ -3,7 +3,7 @@ feeds with what each step verified and what it cost, and asks, before each
 drafting round, how many tokens every request drafts.
 
 - Warm-up: the first rounds cycle the round length from the maximum down
-  to 1, every request alike, so that both cost fits see spread.
+  to 0, every request alike, so that every round length's cost is measured.
 - Then each round: `best_draft_lengths` over the decoding requests, from
   their acceptance by position and the measured costs.
 - A request at 0 has stepped aside: its drafts cost more than they return.
@@ -62,8 +62,9 @@ class SpeculationPolicy:
                  max_probe_every: int = 16):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
-        self.costs = MeasuredCosts(decay)
-        self.warmup_rounds = 2 * max_drafts if warmup_rounds is None else warmup_rounds
+        self.costs = MeasuredCosts(max_drafts, decay)
+        self.warmup_rounds = (2 * (max_drafts + 1) if warmup_rounds is None
+                              else warmup_rounds)
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.rounds_aside: dict[str, int] = {}
@@ -81,7 +82,8 @@ class SpeculationPolicy:
         if cap == 0:
             picks = np.zeros(len(req_ids), dtype=np.int64)
         elif warmup:
-            picks = np.full(len(req_ids), cap - self.counters.rounds % cap, dtype=np.int64)
+            picks = np.full(len(req_ids), cap - self.counters.rounds % (cap + 1),
+                            dtype=np.int64)
         else:
             expected = expected_tokens(self.acceptance.rates(slots))
             picks = np.zeros(len(req_ids), dtype=np.int64)
@@ -127,11 +129,10 @@ class SpeculationPolicy:
                 self.probe_wait[req_id] = (self.probe_every if hit
                                            else min(2 * wait, self.max_probe_every))
 
-    def observe_target(self, verified_tokens: int, seconds: float) -> None:
-        self.costs.observe_target(verified_tokens, seconds)
-
-    def observe_round(self, forwards: int, seconds: float) -> None:
-        self.costs.observe_round(forwards, seconds)
+    def observe_cost(self, round_length: int, drafts: int, seconds: float) -> None:
+        """A drafting round of `round_length` and the target step that
+        verified its `drafts` (all requests) took `seconds`."""
+        self.costs.observe_step(round_length, drafts, seconds)
 
     def release(self, req_id: str) -> None:
         """The request finished: forget it."""

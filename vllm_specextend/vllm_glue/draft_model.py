@@ -298,7 +298,7 @@ def wrap_proposer_propose(original):
             if drafting.tree_drafter is None:
                 drafts = original(self, *args, **kwargs)
                 if hooks is not None:
-                    hooks.round_ended(forwards=max(round_length, 1))
+                    hooks.round_ended(round_length)
                 return drafts
             return drafting.tree_drafter.propose(
                 drafting.runner.input_batch.req_ids[: metadata.num_reqs], drafting.round,

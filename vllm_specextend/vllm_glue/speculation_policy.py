@@ -7,8 +7,8 @@ Each drafting round the policy picks a length per request; the round runs
 the longest, and the drafts handed to the scheduler are cut to each
 request's pick, so vLLM verifies only those. What it learns from reaches
 the host anyway: the scheduled drafts and the sampled tokens of every step.
-Costs are timed here: the target's share of an engine step and the
-drafting round, by the wall clock on CPU (vLLM's CPU runner is
+Costs are timed here: a drafting round together with the target step that
+verifies its drafts, by the wall clock on CPU (vLLM's CPU runner is
 synchronous) and by CUDA events read a step later on GPU.
 """
 
@@ -30,14 +30,15 @@ logger = logging.getLogger("vllm.specextend")
 @dataclass
 class _TimedStep:
     """One engine step: when it began and ended, when its drafting round
-    began and ended, the tokens the target verified, the round's forwards."""
+    began and ended, the drafts the target verified (all requests), the
+    round's length; whether every request was decoding."""
 
     began: object
-    verified_tokens: int
+    verified_drafts: int
     decode_only: bool
     round_began: object = None
     round_ended: object = None
-    forwards: int = 0
+    round_length: int = 0
     ended: object = None
 
 
@@ -53,6 +54,8 @@ class PolicyHooks:
         self.scheduled_drafts: dict[str, int] = {}
         self.step: _TimedStep | None = None
         self.pending: list[_TimedStep] = []
+        # The last timed step, whose round the next step's target verifies.
+        self.previous: tuple[_TimedStep, float] | None = None
         logger.info(
             "SpecExtend: per-request speculation policy on: each request drafts 0 to %d "
             "tokens a round, from its acceptance by draft position and the measured "
@@ -67,7 +70,7 @@ class PolicyHooks:
         self.scheduled_drafts = {req_id: len(ids) for req_id, ids in spec.items()}
         decode_only = all(count == 1 + self.scheduled_drafts.get(req_id, 0)
                           for req_id, count in scheduler_output.num_scheduled_tokens.items())
-        self.step = _TimedStep(self.clock.now(), scheduler_output.total_num_scheduled_tokens,
+        self.step = _TimedStep(self.clock.now(), sum(self.scheduled_drafts.values()),
                                decode_only)
 
     def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int) -> int:
@@ -83,9 +86,9 @@ class PolicyHooks:
             self.step.round_began = self.clock.now()
         return int(picks.max(initial=0))
 
-    def round_ended(self, forwards: int) -> None:
+    def round_ended(self, round_length: int) -> None:
         if self.step is not None:
-            self.step.round_ended, self.step.forwards = self.clock.now(), forwards
+            self.step.round_ended, self.step.round_length = self.clock.now(), round_length
 
     def step_ended(self, output) -> None:
         """Learn from the step's verification; time the steps that have ended."""
@@ -98,18 +101,22 @@ class PolicyHooks:
             self.policy.observe_step(output.req_ids, drafted, accepted)
         if self.step is not None:
             self.step.ended = self.clock.now()
-            if self.step.decode_only and self.step.round_ended is not None:
+            if self.step.round_ended is not None:
                 self.pending.append(self.step)
             self.step = None
         self._read_timings()
 
     def _read_timings(self) -> None:
+        """A round's cost is its own time and the next target step's, which
+        verifies its drafts (the round ran inside the step before)."""
         while self.pending and self.clock.done(self.pending[0].ended):
             step = self.pending.pop(0)
             round_s = self.clock.seconds(step.round_began, step.round_ended)
-            self.policy.observe_round(step.forwards, round_s)
-            self.policy.observe_target(
-                step.verified_tokens, self.clock.seconds(step.began, step.ended) - round_s)
+            target_s = self.clock.seconds(step.began, step.ended) - round_s
+            previous, self.previous = self.previous, (step, round_s)
+            if previous is not None and previous[0].decode_only and step.decode_only:
+                self.policy.observe_cost(previous[0].round_length, step.verified_drafts,
+                                         previous[1] + target_s)
 
     def cut_to_picks(self, draft_token_ids):
         """The scheduler gets each request's drafts cut to its pick."""
@@ -137,10 +144,8 @@ class PolicyHooks:
             "policy_mean_pick": counters.mean_pick(),
             "policy_picks_by_length": counters.picks_by_length,
             "policy_held_requests": self.policy.held_requests(),
-            "policy_costs_s": {"target_base": costs.target_base,
-                               "per_verified_token": costs.per_verified_token,
-                               "round_base": costs.round_base,
-                               "per_extra_forward": costs.per_extra_forward},
+            "policy_costs_s": {"step_by_round_length": list(costs.step_by_round_length),
+                               "per_verified_token": costs.per_verified_token},
         }
 
 
