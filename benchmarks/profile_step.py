@@ -82,12 +82,8 @@ def profile(job: dict) -> dict:
     times.time(GPUModelRunner, "_model_forward", "target forward")
     times.time(GPUModelRunner, "_sample", "sampler")
     times.time(LLMEngine, "step", "step")
-    try:  # the plugin's refresh, in this checkout or the one before it
-        from vllm_specextend.vllm_glue.draft_model import SpecExtendDrafting
-        times.time(SpecExtendDrafting, "_refresh", "refresh")
-    except ImportError:
-        from vllm_specextend.vllm_glue.cross_model_retrieval import CrossModelRetrieval
-        times.time(CrossModelRetrieval, "refresh", "refresh")
+    from vllm_specextend.vllm_glue.draft_model import SpecExtendDrafting
+    times.time(SpecExtendDrafting, "_refresh", "refresh")
     load_model = SpecDecodeBaseProposer.load_model
 
     def load_and_time(self, *args, **kwargs):

@@ -201,7 +201,7 @@ class SpecExtendConfig(BaseModel):
         draft_max_positions: int,
         num_speculative_tokens: int,
         draft_model_type: str,
-    ) -> WorkingCacheGeometry:
+    ) -> None:
         """Checks that need the configured engine; raise at start-up."""
         if draft_model_type not in SUPPORTED_DRAFT_MODEL_TYPES:
             raise SpecExtendConfigError(
@@ -221,7 +221,6 @@ class SpecExtendConfig(BaseModel):
                 f"{3 * block_size}, ... (or set --block-size to a divisor of "
                 f"chunk_size)."
             )
-        return geometry
 
     def max_working_caches_for(self, max_num_seqs: int) -> int:
         return self.max_working_caches or min(max_num_seqs, DEFAULT_MAX_WORKING_CACHES)

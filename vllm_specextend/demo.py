@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# About 3,300 byte tokens for the tiny pair's tokenizer: past its draft's
+# 2,556 byte tokens for the tiny pair's tokenizer: past its draft's
 # 2,048 positions, so SpecExtend drafts from a working cache.
 DEFAULT_PROMPT = (
     "The committee reviewed the agency's long-term plan for maintaining its "

@@ -245,9 +245,9 @@ def _retrieval_summary(settings: SpecExtendConfig, vllm_config: Any) -> str:
         return (f"Cross-model Retrieval idle: max_model_len={max_model_len} is within "
                 f"retrieval_min_len={geometry.retrieval_min_len}, so the draft reads every "
                 f"request whole, as stock draft_model does")
-    if settings.tree:
-        return ("retrieval=false: the draft sees the full context, as a sliding window "
-                "past three quarters of its positions")
+    if geometry.window_binds(max_model_len):
+        return (f"retrieval=false: the draft attends over at most the newest "
+                f"{geometry.main_window} positions (a sliding window)")
     return "retrieval=false: the draft sees the full context (stock draft_model)"
 
 

@@ -97,6 +97,3 @@ def applied_patches() -> list[str]:
         f"{owner}.{attribute} on {count} instance(s): {why}"
         for (owner, attribute), (why, count) in _instance_changes.items()]
 
-
-def original_of(module: str, qualname: str) -> Any:
-    return _applied[(module, qualname)]
