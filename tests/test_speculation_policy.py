@@ -52,6 +52,24 @@ def test_cheap_verification_drafts_further_than_expensive():
     assert cpu.tolist() == [1] and flat[0] > 1
 
 
+def test_a_gain_inside_the_noise_is_no_reason_to_draft():
+    """One draft costs 2% of a step and is accepted 2% of the time: no
+    draft (drafting would have to be 3% faster than not)."""
+    cheap_first_draft = step_costs(0.005, 0.0, 0.0001, 0.0001, 0.002)
+    picks, _ = best_draft_lengths(constant_rates(0.02), cheap_first_draft)
+    assert picks.tolist() == [0]
+    picks, _ = best_draft_lengths(constant_rates(0.2), cheap_first_draft)
+    assert picks.tolist() == [1]
+
+
+def test_measured_costs_never_fall_with_the_round_length():
+    costs = MeasuredCosts(max_drafts=2, decay=0.9)
+    costs.observe_step(0, 0, 0.010)
+    costs.observe_step(1, 1, 0.009)  # noise: one draft "cheaper" than none
+    costs.observe_step(2, 2, 0.012)
+    assert costs.current().step_by_round_length == pytest.approx((0.010, 0.010, 0.012))
+
+
 def test_a_draft_forward_costlier_than_the_target_drafts_one_token():
     """Drafting one token runs no forward past the first pass: where forwards
     are dear (the tiny pair), one draft is the most that pays even at high

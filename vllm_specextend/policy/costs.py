@@ -123,5 +123,7 @@ class MeasuredCosts:
                              means[known[0]] - slope_low * (known[0] - lengths), steps)
             steps = np.where(lengths > known[-1],
                              means[known[-1]] + slope_high * (lengths - known[-1]), steps)
-        return StepCosts(tuple(float(max(t, 0.0)) for t in steps), self.verify.slope)
+        # Drafting further never costs less: what says so is noise.
+        steps = np.maximum.accumulate(np.maximum(steps, 0.0))
+        return StepCosts(tuple(float(t) for t in steps), self.verify.slope)
 
