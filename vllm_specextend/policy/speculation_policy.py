@@ -85,12 +85,11 @@ class SpeculationPolicy:
             picks = np.full(len(req_ids), cap - self.counters.rounds % (cap + 1),
                             dtype=np.int64)
         else:
-            expected = expected_tokens(self.acceptance.rates(slots))
             picks = np.zeros(len(req_ids), dtype=np.int64)
             if decoding.any():
-                picks[decoding], _ = best_draft_lengths(expected[decoding],
-                                                        self.costs.current(), cap)
-            picks, probes = self._probe(req_ids, np.where(decoding, picks, 0), decoding)
+                expected = expected_tokens(self.acceptance.rates(slots[decoding]))
+                picks[decoding], _ = best_draft_lengths(expected, self.costs.current(), cap)
+            picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
         return picks

@@ -124,7 +124,7 @@ class SpecExtendDrafting:
         due = self.caches.due_rows(req_ids, eligible, computed, round_index,
                                    self.settings.refresh_every)
         cache_of_row = self.caches.caches_of(req_ids)
-        first_pass_lens = (np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+        first_pass_lens = (self._scheduled_lens(num_reqs)
                            + self.proposer.net_num_new_slots_per_request)
         self.round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
         if len(due):
@@ -170,13 +170,16 @@ class SpecExtendDrafting:
             state.update(self.policy_hooks.state())
         return state
 
+    def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
+        """Tokens the target ran for each request this step (host copy)."""
+        return np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+
     def round_length(self, metadata, num_speculative_tokens: int) -> int:
         """The policy's draft length for this round (at most vLLM's)."""
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
-        scheduled = np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
         # Done with the prompt after this step: its drafts will be verified.
-        decoding = (batch.num_computed_tokens_cpu[:num_reqs] + scheduled
+        decoding = (batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
                     >= batch.num_prompt_tokens[:num_reqs])
         return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
                                               num_speculative_tokens)
