@@ -1,12 +1,14 @@
 """Drafts for the speculation policy's engine tests, built from the tiny pair.
 
 - A draft that accepts nothing: a random one-layer Llama (another seed).
-- A draft that fails on a known stretch of one request's output: the tiny
-  draft with the head rows of a token set S rotated among themselves, so
-  that wherever the target's next token is in S the draft proposes another
-  one, and elsewhere it drafts as the tiny draft does. S is the tokens of
-  the output's first phase, chosen so that none of them occurs after it:
-  the text turns predictable when the phase ends.
+- A draft that fails on a known stretch of one request's output: a copy of
+  the tiny target with the head rows of a token set S rotated among
+  themselves, so that wherever the target's next token is in S the draft
+  proposes another one, and elsewhere the target's own (S's logits are
+  only permuted, all below the target's pick). S is the tokens of the
+  output's first phase, chosen so that none of them occurs after it: the
+  text turns wholly predictable when the phase ends, and drafting pays
+  again even where a draft forward costs what the target's does.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ def _copy_of(draft_dir: str, folder: Path) -> Path:
     return folder
 
 
-def failing_on(draft_dir: str, tokens: set[int], folder: Path) -> str:
-    """The draft with its head rows of `tokens` rotated (at least two)."""
+def failing_on(model_dir: str, tokens: set[int], folder: Path) -> str:
+    """The model with its head rows of `tokens` rotated (at least two)."""
     from safetensors.torch import load_file, save_file
 
     assert len(tokens) >= 2
-    folder = _copy_of(draft_dir, folder)
+    folder = _copy_of(model_dir, folder)
     weights_file = folder / "model.safetensors"
     weights = load_file(weights_file)
     order = sorted(tokens)

@@ -7,6 +7,7 @@ from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tok
 from vllm_specextend.policy.costs import DecayedLinearFit, MeasuredCosts, StepCosts
 from vllm_specextend.policy.draft_lengths import best_draft_lengths
 from vllm_specextend.policy.speculation_policy import SpeculationPolicy
+from vllm_specextend.policy.stale_drafts import StaleDrafts
 
 def step_costs(target: float, per_token: float, first_pass: float, drafting: float,
                per_forward: float, max_drafts: int = 4) -> StepCosts:
@@ -21,6 +22,9 @@ def step_costs(target: float, per_token: float, first_pass: float, drafting: flo
 # target step of ~0.28 s, each draft forward ~0.08 s.
 CPU_COSTS = step_costs(0.27, 0.005, 0.08, 0.02, 0.1)
 FLAT_TARGET = step_costs(0.02, 0.0, 0.001, 0.0005, 0.001)
+# Rounds where every request stepped aside skip the draft's first pass.
+CPU_COSTS_SKIPPING = StepCosts((0.27,) + CPU_COSTS.step_by_round_length[1:],
+                               CPU_COSTS.per_verified_token)
 
 
 def constant_rates(rate: float, requests: int = 1, drafts: int = 4) -> np.ndarray:
@@ -197,6 +201,21 @@ def test_comes_back_when_its_text_turns_predictable():
     assert sum(resumed) / len(resumed) >= 3.5
 
 
+def test_accepted_probes_come_closer_until_the_request_is_back():
+    """Where a round aside skips the draft, drafting one token must be
+    accepted nearly always to pay: the request comes back drafting further,
+    once probes every round have shown its drafts accepted."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    history = simulate(policy, lambda step: 0.0 if step < 60 else 1.0, 120,
+                       costs=CPU_COSTS_SKIPPING)
+    picks = [row[0] for row in history]
+    assert all(pick <= 1 for pick in picks[20:60])
+    first_probe = next(step for step in range(60, 120) if picks[step])
+    back = next(step for step in range(first_probe, 120) if picks[step] > 1)
+    assert back - first_probe <= 12, picks[60:]
+    assert min(picks[back:]) >= 2 and set(picks[back + 10:]) == {4}, picks[60:]
+
+
 def test_requests_not_decoding_draft_nothing_and_a_finished_one_is_forgotten():
     policy = SpeculationPolicy(max_drafts=4, max_requests=2)
     picks = policy.pick(["a", "b"], np.array([True, False]), 4)
@@ -204,3 +223,45 @@ def test_requests_not_decoding_draft_nothing_and_a_finished_one_is_forgotten():
     policy.release("a")
     policy.release("b")
     assert policy.held_requests() == 0
+
+
+def test_skipped_rounds_leave_the_draft_behind_by_the_tokens_it_did_not_read():
+    stale = StaleDrafts(max_missing=8)
+    ids = ["a", "b"]
+    # One skipped round loses nothing: the next first pass reads the step's
+    # own token, the one the skipped pass would have written last.
+    stale.skip(ids, np.array([10, 20]))
+    rows, firsts = stale.take(ids, np.array([11, 21]))
+    assert rows.tolist() == [] and stale.held_requests() == 0
+    for step in range(3):  # three skipped rounds, one token a step
+        stale.skip(ids, np.array([10 + step, 20 + step]))
+    rows, firsts = stale.take(ids, np.array([13, 23]))
+    assert rows.tolist() == [0, 1] and firsts.tolist() == [11, 21]
+    assert stale.tokens_caught_up == 4 and stale.rounds_skipped == 4
+    assert stale.held_requests() == 0
+
+
+def test_no_request_falls_further_behind_than_the_limit():
+    stale = StaleDrafts(max_missing=4)
+    ids = ["a"]
+    computed = 100
+    while stale.can_skip(ids, np.array([computed]), np.array([1])):
+        stale.skip(ids, np.array([computed]))
+        computed += 1
+    # The round that runs reads exactly the limit's tokens.
+    assert computed - stale.missing_from["a"] == 4
+    # Verified drafts count: after a step of 1 + 4 accepted tokens the draft
+    # misses the 4 (the step's first token it has read already).
+    assert not StaleDrafts(max_missing=3).can_skip(["b"], np.array([50]), np.array([5]))
+    assert StaleDrafts(max_missing=3).can_skip(["b"], np.array([50]), np.array([4]))
+
+
+def test_a_request_recomputed_from_its_prompt_has_nothing_to_catch_up():
+    stale = StaleDrafts(max_missing=8)
+    for computed in (40, 41, 42):
+        stale.skip(["a"], np.array([computed]))
+    rows, _ = stale.take(["a"], np.array([0]))  # preempted: vLLM prefills it again
+    assert rows.tolist() == [] and stale.held_requests() == 0
+    stale.skip(["b"], np.array([7]))
+    stale.forget("b")
+    assert stale.held_requests() == 0

@@ -41,9 +41,9 @@ def first_phase(target_only):
 
 @pytest.fixture(scope="module")
 def phased_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
-    """The tiny draft, failing wherever the target's next token is one of
-    the phased request's first phase."""
-    return failing_on(tiny_pair.draft, set(target_only[0][:first_phase]),
+    """The target as its own draft, failing wherever its next token is one
+    of the phased request's first phase."""
+    return failing_on(tiny_pair.target, set(target_only[0][:first_phase]),
                       tmp_path_factory.mktemp("phased") / "draft")
 
 
@@ -62,7 +62,8 @@ def test_mixed_batch_some_step_aside_lossless(tiny_pair, prompts, target_only, p
     assert result["token_ids"] == target_only
     state = result["request_state"]
     assert state["policy_requests_stepped_aside"] > 0
-    assert state["policy_requests_drafting"] > state["policy_requests_stepped_aside"]
+    # Past warm-up (every request drafts there) the others still draft.
+    assert state["policy_requests_drafting"] > 2 * state["policy_warmup_rounds"] * len(prompts)
     assert state["policy_held_requests"] == 0  # forgotten with vLLM's requests
     assert result["spec_decode"]["vllm:spec_decode_num_accepted_tokens"] > 0
     assert "per-request speculation policy on" in log
@@ -83,6 +84,9 @@ def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, targe
     warmup_drafts = state["policy_warmup_rounds"] * len(batch)
     assert counters["vllm:spec_decode_num_drafts"] - warmup_drafts <= request_steps / 5
     assert state["policy_probes"] > 0
+    # Rounds where all three stepped aside ran no draft forward.
+    assert state["policy_rounds_skipped"] >= request_steps / len(batch) / 2, state
+    assert state["policy_requests_behind"] == 0  # forgotten with vLLM's requests
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +118,12 @@ def _between(snapshots, first: int, last: int) -> dict:
 
 
 def test_comes_back_not_stale(phased_runs, target_only):
-    """Through the first phase the policy steps aside; once the text turns
-    predictable it drafts again, and its drafts are accepted as often as
-    the same request's with the policy off: the draft read the tokens of the
-    steps it sat out. (On the tiny pair a draft forward costs about what
-    the target's does, so the policy drafts one token where the policy-off
-    run drafts four: the comparison is per drafted position, the first.)"""
+    """Through the first phase the policy steps aside (its rounds skip the
+    draft); once the text turns predictable it drafts again, and its drafts
+    are accepted as often as the same request's with the policy off: the
+    draft read the tokens of the rounds it skipped."""
     on, off = (phased_runs[a]["counters_along_output"] for a in (True, False))
+    assert phased_runs[True]["request_state"]["policy_tokens_caught_up"] > 0
     assert phased_runs[True]["token_ids"][0] == target_only[0]
     assert phased_runs[False]["token_ids"][0] == target_only[0]
     first_on, first_off = _between(on, -1, 0), _between(off, -1, 0)
@@ -130,7 +133,8 @@ def test_comes_back_not_stale(phased_runs, target_only):
     later_on, later_off = _between(on, 1, 2), _between(off, 1, 2)
     steps_on = later_on["tokens"] - later_on["vllm:spec_decode_num_accepted_tokens"]
     assert later_on["vllm:spec_decode_num_drafts"] >= 0.8 * steps_on, later_on
-    first_draft_hits = {name: run["accepted_first_draft"] / run["vllm:spec_decode_num_drafts"]
-                        for name, run in (("on", later_on), ("off", later_off))}
-    assert first_draft_hits["off"] >= 0.3, first_draft_hits  # the phase is predictable
-    assert first_draft_hits["on"] >= 0.9 * first_draft_hits["off"], first_draft_hits
+    hits = {name: run["vllm:spec_decode_num_accepted_tokens"]
+            / run["vllm:spec_decode_num_draft_tokens"]
+            for name, run in (("on", later_on), ("off", later_off))}
+    assert hits["off"] >= 0.9, hits  # the phase is predictable
+    assert hits["on"] >= 0.95 * hits["off"], hits

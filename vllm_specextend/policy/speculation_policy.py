@@ -7,12 +7,13 @@ drafting round, how many tokens every request drafts.
 - Then each round: `best_draft_lengths` over the decoding requests, from
   their acceptance by position and the measured costs.
 - A request at 0 has stepped aside: its drafts cost more than they return.
-  Its new tokens still reach the draft (the round's first pass always
-  runs). Every `probe_every` rounds aside it drafts one token, a probe;
-  each failed probe doubles the wait (up to `max_probe_every`), an
-  accepted one resets it, so a request whose text turns predictable
-  (copying, code) comes back. A probe costs one verified token: the first
-  pass that yields its draft runs anyway.
+  Its new tokens still reach the draft (the next round that runs the draft
+  reads them: `stale_drafts`). Every `probe_every` rounds aside it drafts
+  one token, a probe; each failed probe doubles the wait (up to
+  `max_probe_every`), an accepted one brings the next to the next round,
+  so a request whose text turns predictable (copying, code) comes back
+  within a few rounds. A probe costs one verified token and a round that
+  runs the draft.
 """
 
 from __future__ import annotations
@@ -125,8 +126,7 @@ class SpeculationPolicy:
             if req_id in self.probing:
                 self.probing.discard(req_id)
                 wait = self.probe_wait.get(req_id, self.probe_every)
-                self.probe_wait[req_id] = (self.probe_every if hit
-                                           else min(2 * wait, self.max_probe_every))
+                self.probe_wait[req_id] = 1 if hit else min(2 * wait, self.max_probe_every)
 
     def observe_cost(self, round_length: int, drafts: int, seconds: float) -> None:
         """A drafting round of `round_length` and the target step that

@@ -26,6 +26,7 @@ from vllm_specextend.vllm_glue.cross_model_retrieval import (
     FinalLayerCapture,
 )
 from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
+from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
 from vllm_specextend.vllm_glue.engine_config import geometry_of, settings_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.patching import replace_on_instance
@@ -80,12 +81,13 @@ class SpecExtendDrafting:
         if settings.tree:
             self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
                                             self.geometry.main_window, block_size)
-        self.policy_hooks = None
+        self.policy_hooks = self.catch_up = None
         if settings.adaptive:
+            max_requests = vllm_config.scheduler_config.max_num_seqs
             self.policy_hooks = PolicyHooks(
-                vllm_config.speculative_config.num_speculative_tokens,
-                vllm_config.scheduler_config.max_num_seqs, device,
+                vllm_config.speculative_config.num_speculative_tokens, max_requests, device,
                 tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
+            self.catch_up = DraftCatchUp(proposer, max_requests, block_size)
         self.staging = HostStaging(proposer.max_num_tokens, device)
         self.runner = proposer.specextend_runner
         self.rounds = 0
@@ -159,6 +161,7 @@ class SpecExtendDrafting:
             self.caches.release(req_id)
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
+            self.catch_up.stale.forget(req_id)
         TREE_STATE.proposed.pop(req_id, None)
 
     def request_state(self) -> dict:
@@ -168,11 +171,30 @@ class SpecExtendDrafting:
                  "proposed_trees": len(TREE_STATE.proposed)}
         if self.policy_hooks is not None:
             state.update(self.policy_hooks.state())
+            state.update(self.catch_up.state())
         return state
 
     def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
         """Tokens the target ran for each request this step (host copy)."""
         return np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+
+    def skips_round(self, metadata, round_length: int) -> bool:
+        """Whether this round runs no draft forward (`DraftCatchUp.skips`)."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        holds_working_cache = self.caches is not None and any(
+            req_id in self.caches.holder for req_id in req_ids)
+        return self.catch_up.skips(round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
+                                   self._scheduled_lens(num_reqs),
+                                   batch.num_prompt_tokens[:num_reqs], holds_working_cache)
+
+    def catch_up_draft(self, metadata) -> None:
+        """The draft reads the tokens of the rounds it skipped."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        self.catch_up.catch_up(metadata, batch.req_ids[:num_reqs],
+                               batch.num_computed_tokens_cpu[:num_reqs], batch.token_ids_cpu)
 
     def round_length(self, metadata, num_speculative_tokens: int) -> int:
         """The policy's draft length for this round (at most vLLM's)."""
@@ -288,15 +310,19 @@ def wrap_proposer_propose(original):
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         metadata = bound["common_attn_metadata"]
+        hooks = drafting.policy_hooks
+        if hooks is not None:
+            round_length = drafting.round_length(metadata, bound["num_speculative_tokens"])
+            if drafting.skips_round(metadata, round_length):
+                hooks.round_ended(0)
+                return drafting.catch_up.no_drafts(metadata.batch_size())
+            drafting.catch_up_draft(metadata)
+            bound["num_speculative_tokens"] = round_length
+            args, kwargs = (), {name: value for name, value in bound.items() if name != "self"}
         query_indices = bound.get("token_indices_to_sample")
         if query_indices is None:  # no drafts were verified: the last token
             query_indices = metadata.query_start_loc[1:] - 1
         drafting.before_drafting(metadata, query_indices.long(), bound["target_positions"])
-        hooks = drafting.policy_hooks
-        if hooks is not None:
-            round_length = drafting.round_length(metadata, bound["num_speculative_tokens"])
-            bound["num_speculative_tokens"] = round_length
-            args, kwargs = (), {name: value for name, value in bound.items() if name != "self"}
         try:
             if drafting.tree_drafter is None:
                 drafts = original(self, *args, **kwargs)

@@ -248,13 +248,13 @@ class DraftRound:
             # A drafted token is rewritten by the next first pass once
             # verified: in vLLM's cache it would be a wasted write.
             cad.slot_mapping[tokens] = NO_CACHE
-        compact = builder_of(_sub_batch(
+        compact = builder_of(sub_batch_metadata(
             split.query_lens[self.compact_rows], split.compact_query_start_loc,
             cad.seq_lens[self.compact_rows_device] - self.compact_offsets,
             self.compact_block_table, compact_slots, capacity))
         main = None
         if len(self.main_rows):
-            main = builder_of(_sub_batch(
+            main = builder_of(sub_batch_metadata(
                 split.query_lens[self.main_rows], split.main_query_start_loc,
                 cad.seq_lens[self.main_rows_device],
                 cad.block_table_tensor[self.main_rows_device],
@@ -277,9 +277,10 @@ def _tokens_of(rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray):
     return first + np.arange(len(token_rows)), token_rows
 
 
-def _sub_batch(query_lens: np.ndarray, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-               block_table: torch.Tensor, slot_mapping: torch.Tensor,
-               max_seq_len: int) -> CommonAttentionMetadata:
+def sub_batch_metadata(query_lens: np.ndarray, query_start_loc: torch.Tensor,
+                       seq_lens: torch.Tensor, block_table: torch.Tensor,
+                       slot_mapping: torch.Tensor, max_seq_len: int) -> CommonAttentionMetadata:
+    """vLLM's metadata for some rows of a batch, each with its own query."""
     starts = _starts(query_lens).astype(np.int32)
     return CommonAttentionMetadata(
         query_start_loc=query_start_loc.to(torch.int32),
@@ -300,10 +301,11 @@ class HostStaging:
     """Host arrays to the device through buffers allocated up front (vLLM's
     CpuGpuBuffer: pinned host memory, asynchronous copies): no host sync."""
 
-    def __init__(self, max_tokens: int, device: torch.device):
+    def __init__(self, max_tokens: int, device: torch.device,
+                 names: tuple[str, ...] = STAGED_ARRAYS):
         self.buffers = {name: CpuGpuBuffer(max_tokens + 1, dtype=torch.int64, device=device,
                                            with_numpy=True)
-                        for name in STAGED_ARRAYS}
+                        for name in names}
 
     def to_device(self, name: str, values: np.ndarray) -> torch.Tensor:
         buffer = self.buffers[name]
