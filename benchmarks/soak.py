@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "preempted": totals.get("vllm:num_preemptions_total", 0) > 0,
         "prefix_cache_hit": totals.get("vllm:prefix_cache_hits_total", 0) > 0,
         "speculated": totals.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0,
+        "policy_in_metrics": state_after.get("policy_rounds", 0) > 0 and totals.get(
+            "vllm:specextend_policy_rounds_total") == state_after["policy_rounds"],
     }
     drafts = totals.get("vllm:spec_decode_num_drafts_total", 0)
     report = {

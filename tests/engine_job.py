@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 def main(job_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_specextend.metrics import spec_decode_counters
+    from vllm_specextend.metrics import spec_decode_counters, specextend_metrics
 
     job = json.loads(open(job_path).read())
     llm = LLM(
@@ -65,6 +65,7 @@ def main(job_path: str, result_path: str) -> None:
         [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
     if job.get("request_state"):
         result["request_state"] = _state_once_idle(llm)
+        result["specextend_metrics"] = specextend_metrics(llm)
     if job.get("tree_reordered_buffers"):
         [result["tree_reordered_buffers"]] = llm.collective_rpc(_tree_reordered_buffers)
     if "kv_blocks" in job:

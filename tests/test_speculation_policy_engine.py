@@ -67,6 +67,18 @@ def test_mixed_batch_some_step_aside_lossless(tiny_pair, prompts, target_only, p
     assert state["policy_held_requests"] == 0  # forgotten with vLLM's requests
     assert result["spec_decode"]["vllm:spec_decode_num_accepted_tokens"] > 0
     assert "per-request speculation policy on" in log
+    # The same counts in vLLM's metrics (counted in the worker, read here).
+    metrics = result["specextend_metrics"]
+    for key, name in (("policy_rounds", "policy_rounds"),
+                      ("policy_requests_drafting", "policy_request_rounds_drafting"),
+                      ("policy_requests_stepped_aside", "policy_request_rounds_stepped_aside"),
+                      ("policy_drafts_picked", "policy_draft_tokens_picked"),
+                      ("policy_probes", "policy_probes"),
+                      ("policy_rounds_skipped", "policy_rounds_skipped")):
+        assert metrics[f"vllm:specextend_{name}"] == state[key], (name, metrics, state)
+    picks = [metrics[f"vllm:specextend_policy_picks{{length={length}}}"]
+             for length in range(CHAIN_DRAFT_TOKENS + 1)]
+    assert picks == state["policy_picks_by_length"]
 
 
 def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, target_only,

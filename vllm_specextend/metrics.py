@@ -1,6 +1,16 @@
-"""Speculative-decoding numbers from a vLLM `LLM`'s own metrics."""
+"""Speculative-decoding numbers: read from a vLLM `LLM`'s own metrics, and
+the speculation policy's, published among them."""
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("vllm.specextend")
 
 SPEC_DECODE_COUNTERS = (
     "vllm:spec_decode_num_drafts",
@@ -23,6 +33,18 @@ def accepted_by_position(llm) -> list[int]:
     return []
 
 
+def specextend_metrics(llm) -> dict[str, float]:
+    """SpecExtend's own metrics in `llm.get_metrics()`, by name (and labels
+    other than model_name)."""
+    values = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:specextend_"):
+            labels = ",".join(f"{key}={value}" for key, value in sorted(metric.labels.items())
+                              if key != "model_name")
+            values[metric.name + (f"{{{labels}}}" if labels else "")] = metric.value
+    return values
+
+
 def mean_accepted_length(counters: dict[str, float]) -> float | None:
     """Tokens produced per target step: 1 + accepted drafts per step."""
     drafts = counters["vllm:spec_decode_num_drafts"]
@@ -32,3 +54,127 @@ def mean_accepted_length(counters: dict[str, float]) -> float | None:
 def acceptance_rate(counters: dict[str, float]) -> float | None:
     drafted = counters["vllm:spec_decode_num_draft_tokens"]
     return counters["vllm:spec_decode_num_accepted_tokens"] / drafted if drafted else None
+
+
+# The speculation policy's numbers in vLLM's Prometheus metrics. They are
+# counted in the worker; vLLM's /metrics (and `LLM.get_metrics()`) is read in
+# the front-end process. The worker writes its totals to a small file, at
+# most once a second and when a request finishes, in a folder the front end
+# made (inherited through the environment); a collector registered in the
+# front end's Prometheus registry reads the files when scraped.
+METRICS_DIR_ENV = "VLLM_SPECEXTEND_METRICS_DIR"
+WRITE_EVERY_S = 1.0
+# (worker state key, metric name without the "vllm:specextend_" prefix, kind, help)
+POLICY_METRICS = (
+    ("policy_rounds", "policy_rounds", "counter",
+     "Drafting rounds the speculation policy decided"),
+    ("policy_requests_drafting", "policy_request_rounds_drafting", "counter",
+     "Decoding requests that drafted, summed over rounds"),
+    ("policy_requests_stepped_aside", "policy_request_rounds_stepped_aside", "counter",
+     "Decoding requests that stepped aside (drafted nothing), summed over rounds"),
+    ("policy_drafts_picked", "policy_draft_tokens_picked", "counter",
+     "Draft tokens the policy picked, summed over requests and rounds (mean picked "
+     "length: this over the two request_rounds counters)"),
+    ("policy_probes", "policy_probes", "counter",
+     "One-token drafts of requests stepped aside, to see if drafting pays again"),
+    ("policy_rounds_skipped", "policy_rounds_skipped", "counter",
+     "Rounds in which every request stepped aside: no draft forward ran"),
+    ("policy_tokens_caught_up", "policy_tokens_caught_up", "counter",
+     "Tokens the draft read late, for the rounds it skipped"),
+    ("policy_latest_drafting", "requests_drafting", "gauge",
+     "Decoding requests drafting in the latest round"),
+    ("policy_latest_stepped_aside", "requests_stepped_aside", "gauge",
+     "Decoding requests stepped aside in the latest round"),
+)
+
+
+_metrics_dir: tempfile.TemporaryDirectory | None = None  # removed when the process exits
+
+
+def metrics_dir() -> Path:
+    """The folder worker files go to: made by the first process that asks
+    (the front end, before vLLM starts its engine), inherited by the rest."""
+    folder = os.environ.get(METRICS_DIR_ENV)
+    if folder is None:
+        global _metrics_dir
+        _metrics_dir = tempfile.TemporaryDirectory(prefix="vllm-specextend-metrics-")
+        folder = os.environ[METRICS_DIR_ENV] = _metrics_dir.name
+    return Path(folder)
+
+
+class PolicyMetricsFile:
+    """The worker's side: its policy totals, written atomically."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.path = metrics_dir() / f"engine-{os.getpid()}.json"
+        self.last_write = -float("inf")
+        self.failed = False
+
+    def write(self, state: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.failed or (not force and now - self.last_write < WRITE_EVERY_S):
+            return
+        self.last_write = now
+        values = {key: state[key] for key, *_ in POLICY_METRICS}
+        values["picks_by_length"] = state["policy_picks_by_length"]
+        try:
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps({"model_name": self.model_name, "values": values}))
+            os.replace(partial, self.path)
+        except OSError as error:  # the front end is gone: nothing reads them
+            self.failed = True
+            logger.warning("SpecExtend: policy metrics not written (%s)", error)
+
+
+class PolicyMetricsCollector:
+    """The front end's side: one Prometheus family per metric, summed over
+    the engines' files of each served model."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _engines(self) -> list[dict]:
+        engines = []
+        for path in sorted(self.folder.glob("engine-*.json")):
+            try:
+                engines.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # replaced while read: next scrape
+                continue
+        return engines
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engines = self._engines()
+        if not engines:  # no SpecExtend engine with the policy on: nothing shown
+            return
+        models = sorted({engine["model_name"] for engine in engines})
+
+        def total(key, model):
+            return sum(e["values"][key] for e in engines if e["model_name"] == model)
+
+        for key, name, kind, help_text in POLICY_METRICS:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                f"vllm:specextend_{name}", help_text, labels=["model_name"])
+            for model in models:
+                family.add_metric([model], total(key, model))
+            yield family
+        picks = CounterMetricFamily(
+            "vllm:specextend_policy_picks", "Requests' picked draft lengths, by length",
+            labels=["model_name", "length"])
+        for model in models:
+            lengths = [e["values"]["picks_by_length"] for e in engines
+                       if e["model_name"] == model]
+            for length, counts in enumerate(zip(*lengths)):
+                picks.add_metric([model, str(length)], sum(counts))
+        yield picks
+
+
+def register_policy_metrics() -> None:
+    """Register the collector in this process's Prometheus registry (vLLM's
+    /metrics and `LLM.get_metrics()` read it; with several API servers vLLM
+    reads its multiprocess files instead, and these are not shown)."""
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(PolicyMetricsCollector(metrics_dir()))

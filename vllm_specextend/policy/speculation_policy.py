@@ -39,14 +39,19 @@ class PolicyCounters:
     probes: int = 0
     drafts_picked: int = 0
     picks_by_length: list[int] = field(default_factory=list)
+    # The latest round's decoding requests, drafting and stepped aside.
+    latest_drafting: int = 0
+    latest_stepped_aside: int = 0
 
     def add(self, picks: np.ndarray, probes: int, warmup: bool, max_drafts: int) -> None:
         if not self.picks_by_length:
             self.picks_by_length = [0] * (max_drafts + 1)
         self.rounds += 1
         self.warmup_rounds += warmup
-        self.requests_drafting += int((picks > 0).sum())
-        self.requests_stepped_aside += int((picks == 0).sum())
+        self.latest_drafting = int((picks > 0).sum())
+        self.latest_stepped_aside = len(picks) - self.latest_drafting
+        self.requests_drafting += self.latest_drafting
+        self.requests_stepped_aside += self.latest_stepped_aside
         self.probes += probes
         self.drafts_picked += int(picks.sum())
         for length, count in enumerate(np.bincount(picks, minlength=max_drafts + 1)):

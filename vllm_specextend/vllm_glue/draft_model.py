@@ -21,6 +21,7 @@ from torch import nn
 
 from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
+from vllm_specextend.metrics import PolicyMetricsFile
 from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
@@ -81,13 +82,18 @@ class SpecExtendDrafting:
         if settings.tree:
             self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
                                             self.geometry.main_window, block_size)
-        self.policy_hooks = self.catch_up = None
+        self.policy_hooks = self.catch_up = self.metrics_file = None
         if settings.adaptive:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
             max_requests = vllm_config.scheduler_config.max_num_seqs
             self.policy_hooks = PolicyHooks(
                 vllm_config.speculative_config.num_speculative_tokens, max_requests, device,
                 tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
             self.catch_up = DraftCatchUp(proposer, max_requests, block_size)
+            if get_tensor_model_parallel_rank() == 0:  # every rank counts the same
+                self.metrics_file = PolicyMetricsFile(
+                    vllm_config.model_config.served_model_name)
         self.staging = HostStaging(proposer.max_num_tokens, device)
         self.runner = proposer.specextend_runner
         self.rounds = 0
@@ -162,6 +168,7 @@ class SpecExtendDrafting:
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
             self.catch_up.stale.forget(req_id)
+            self._publish_policy_metrics(force=True)
         TREE_STATE.proposed.pop(req_id, None)
 
     def request_state(self) -> dict:
@@ -170,9 +177,15 @@ class SpecExtendDrafting:
         state = {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
                  "proposed_trees": len(TREE_STATE.proposed)}
         if self.policy_hooks is not None:
-            state.update(self.policy_hooks.state())
-            state.update(self.catch_up.state())
+            state.update(self._policy_state())
         return state
+
+    def _policy_state(self) -> dict:
+        return self.policy_hooks.state() | self.catch_up.state()
+
+    def _publish_policy_metrics(self, force: bool = False) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(self._policy_state(), force)
 
     def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
         """Tokens the target ran for each request this step (host copy)."""
@@ -203,8 +216,10 @@ class SpecExtendDrafting:
         # Done with the prompt after this step: its drafts will be verified.
         decoding = (batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
                     >= batch.num_prompt_tokens[:num_reqs])
-        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
-                                              num_speculative_tokens)
+        round_length = self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
+                                                      num_speculative_tokens)
+        self._publish_policy_metrics()
+        return round_length
 
     def plan_forward(self, proposer, cad, draft_index: int):
         """Per-layer metadata of one draft forward: vLLM's own when no row of

@@ -143,6 +143,8 @@ class PolicyHooks:
             "policy_drafts_picked": counters.drafts_picked,
             "policy_mean_pick": counters.mean_pick(),
             "policy_picks_by_length": counters.picks_by_length,
+            "policy_latest_drafting": counters.latest_drafting,
+            "policy_latest_stepped_aside": counters.latest_stepped_aside,
             "policy_held_requests": self.policy.held_requests(),
             "policy_costs_s": {"step_by_round_length": list(costs.step_by_round_length),
                                "per_verified_token": costs.per_verified_token},
