@@ -253,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         "preempted": totals.get("vllm:num_preemptions_total", 0) > 0,
         "prefix_cache_hit": totals.get("vllm:prefix_cache_hits_total", 0) > 0,
         "speculated": totals.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0,
-        "policy_in_metrics": state_after.get("policy_rounds", 0) > 0 and totals.get(
-            "vllm:specextend_policy_rounds_total") == state_after["policy_rounds"],
+        # The worker's totals in vLLM's /metrics, through the front end.
+        "specextend_metrics_served": all(
+            state_after.get(key, 0) > 0
+            and totals.get(f"vllm:specextend_{name}_total") == state_after[key]
+            for key, name in (("refreshes", "refreshes"), ("policy_rounds", "policy_rounds"))),
     }
     drafts = totals.get("vllm:spec_decode_num_drafts_total", 0)
     report = {

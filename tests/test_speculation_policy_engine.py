@@ -6,6 +6,7 @@ a request's text turns predictable."""
 import pytest
 
 from conftest import MIXED_PROMPT_LENGTHS, run_engine
+from vllm_specextend.metrics import METRICS
 from policy_drafts import (
     PHASED_MAX_TOKENS,
     accepting_nothing,
@@ -41,10 +42,20 @@ def first_phase(target_only):
 
 @pytest.fixture(scope="module")
 def phased_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
-    """The target as its own draft, failing wherever its next token is one
-    of the phased request's first phase."""
-    return failing_on(tiny_pair.target, set(target_only[0][:first_phase]),
+    """The tiny draft (2,048 positions: the long prompts draft over working
+    caches), failing wherever the target's next token is one of the phased
+    request's first phase."""
+    return failing_on(tiny_pair.draft, set(target_only[0][:first_phase]),
                       tmp_path_factory.mktemp("phased") / "draft")
+
+
+@pytest.fixture(scope="module")
+def phased_self_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
+    """The target as its own draft, failing the same way: past the first
+    phase every draft is accepted, so coming back pays even where a draft
+    forward costs what the target's does (the tiny pair)."""
+    return failing_on(tiny_pair.target, set(target_only[0][:first_phase]),
+                      tmp_path_factory.mktemp("phased_self") / "draft")
 
 
 def specextend_job(target, draft, prompts, **settings):
@@ -67,14 +78,10 @@ def test_mixed_batch_some_step_aside_lossless(tiny_pair, prompts, target_only, p
     assert state["policy_held_requests"] == 0  # forgotten with vLLM's requests
     assert result["spec_decode"]["vllm:spec_decode_num_accepted_tokens"] > 0
     assert "per-request speculation policy on" in log
+    assert state["refreshes"] > 0 and state["working_cache_request_rounds"] > 0
     # The same counts in vLLM's metrics (counted in the worker, read here).
     metrics = result["specextend_metrics"]
-    for key, name in (("policy_rounds", "policy_rounds"),
-                      ("policy_requests_drafting", "policy_request_rounds_drafting"),
-                      ("policy_requests_stepped_aside", "policy_request_rounds_stepped_aside"),
-                      ("policy_drafts_picked", "policy_draft_tokens_picked"),
-                      ("policy_probes", "policy_probes"),
-                      ("policy_rounds_skipped", "policy_rounds_skipped")):
+    for key, name, *_ in METRICS:
         assert metrics[f"vllm:specextend_{name}"] == state[key], (name, metrics, state)
     picks = [metrics[f"vllm:specextend_policy_picks{{length={length}}}"]
              for length in range(CHAIN_DRAFT_TOKENS + 1)]
@@ -102,13 +109,14 @@ def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, targe
 
 
 @pytest.fixture(scope="module")
-def phased_runs(tiny_pair, prompts, first_phase, phased_draft, tmp_path_factory):
+def phased_runs(tiny_pair, prompts, first_phase, phased_self_draft, tmp_path_factory):
     """The phased request alone, policy on and off, with vLLM's counters at
     the end of its first phase, 40 tokens later, and at the end."""
     marks = [first_phase, first_phase + 40, PHASED_MAX_TOKENS]
     runs = {}
     for adaptive in (True, False):
-        job = specextend_job(tiny_pair.target, phased_draft, prompts[:1], adaptive=adaptive)
+        job = specextend_job(tiny_pair.target, phased_self_draft, prompts[:1],
+                             adaptive=adaptive)
         job["counter_marks"] = marks
         runs[adaptive], _ = run_engine(job, tmp_path_factory.mktemp(f"phased_{adaptive}"))
     return runs

@@ -56,16 +56,29 @@ def acceptance_rate(counters: dict[str, float]) -> float | None:
     return counters["vllm:spec_decode_num_accepted_tokens"] / drafted if drafted else None
 
 
-# The speculation policy's numbers in vLLM's Prometheus metrics. They are
-# counted in the worker; vLLM's /metrics (and `LLM.get_metrics()`) is read in
-# the front-end process. The worker writes its totals to a small file, at
-# most once a second and when a request finishes, in a folder the front end
-# made (inherited through the environment); a collector registered in the
-# front end's Prometheus registry reads the files when scraped.
+# SpecExtend's numbers in vLLM's Prometheus metrics. They are counted in
+# the worker; vLLM's /metrics (and `LLM.get_metrics()`) is read in the
+# front-end process. The worker writes its totals to a small file, at most
+# once a second and when its last request finishes, in a folder the front
+# end made (inherited through the environment); a collector registered in
+# the front end's Prometheus registry reads the files when scraped.
 METRICS_DIR_ENV = "VLLM_SPECEXTEND_METRICS_DIR"
 WRITE_EVERY_S = 1.0
-# (worker state key, metric name without the "vllm:specextend_" prefix, kind, help)
-POLICY_METRICS = (
+# (worker state key, metric name without the "vllm:specextend_" prefix, kind,
+# help). A key the worker lacks (the policy off) is not shown.
+METRICS = (
+    ("refreshes", "refreshes", "counter",
+     "Drafting rounds that refreshed working caches (score, select, lay out)"),
+    ("working_caches_refreshed", "working_caches_refreshed", "counter",
+     "Working caches refilled, summed over refreshes"),
+    ("refresh_seconds", "refresh_seconds", "counter",
+     "Time spent refreshing working caches (device time on GPU)"),
+    ("working_cache_request_rounds", "working_cache_request_rounds", "counter",
+     "Requests that drafted over a working cache, summed over drafting rounds"),
+    ("working_cache_holders", "working_caches_in_use", "gauge",
+     "Requests holding a working cache"),
+    ("working_caches", "working_caches", "gauge",
+     "Working caches allocated at load"),
     ("policy_rounds", "policy_rounds", "counter",
      "Drafting rounds the speculation policy decided"),
     ("policy_requests_drafting", "policy_request_rounds_drafting", "counter",
@@ -86,7 +99,7 @@ POLICY_METRICS = (
     ("policy_latest_stepped_aside", "requests_stepped_aside", "gauge",
      "Decoding requests stepped aside in the latest round"),
 )
-
+PICKS_KEY = "policy_picks_by_length"
 
 _metrics_dir: tempfile.TemporaryDirectory | None = None  # removed when the process exits
 
@@ -102,8 +115,8 @@ def metrics_dir() -> Path:
     return Path(folder)
 
 
-class PolicyMetricsFile:
-    """The worker's side: its policy totals, written atomically."""
+class MetricsFile:
+    """The worker's side: its totals, written atomically."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
@@ -116,18 +129,19 @@ class PolicyMetricsFile:
         if self.failed or (not force and now - self.last_write < WRITE_EVERY_S):
             return
         self.last_write = now
-        values = {key: state[key] for key, *_ in POLICY_METRICS}
-        values["picks_by_length"] = state["policy_picks_by_length"]
+        values = {key: state[key] for key, *_ in METRICS if key in state}
+        if PICKS_KEY in state:
+            values[PICKS_KEY] = state[PICKS_KEY]
         try:
             partial = self.path.with_suffix(".partial")
             partial.write_text(json.dumps({"model_name": self.model_name, "values": values}))
             os.replace(partial, self.path)
         except OSError as error:  # the front end is gone: nothing reads them
             self.failed = True
-            logger.warning("SpecExtend: policy metrics not written (%s)", error)
+            logger.warning("SpecExtend: metrics not written (%s)", error)
 
 
-class PolicyMetricsCollector:
+class MetricsCollector:
     """The front end's side: one Prometheus family per metric, summed over
     the engines' files of each served model."""
 
@@ -146,35 +160,35 @@ class PolicyMetricsCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        engines = self._engines()
-        if not engines:  # no SpecExtend engine with the policy on: nothing shown
-            return
+        engines = self._engines()  # none: no SpecExtend engine, nothing shown
         models = sorted({engine["model_name"] for engine in engines})
 
-        def total(key, model):
-            return sum(e["values"][key] for e in engines if e["model_name"] == model)
+        def values_of(key, model):
+            return [e["values"][key] for e in engines
+                    if e["model_name"] == model and key in e["values"]]
 
-        for key, name, kind, help_text in POLICY_METRICS:
+        for key, name, kind, help_text in METRICS:
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
                 f"vllm:specextend_{name}", help_text, labels=["model_name"])
             for model in models:
-                family.add_metric([model], total(key, model))
-            yield family
+                if values := values_of(key, model):
+                    family.add_metric([model], sum(values))
+            if family.samples:
+                yield family
         picks = CounterMetricFamily(
             "vllm:specextend_policy_picks", "Requests' picked draft lengths, by length",
             labels=["model_name", "length"])
         for model in models:
-            lengths = [e["values"]["picks_by_length"] for e in engines
-                       if e["model_name"] == model]
-            for length, counts in enumerate(zip(*lengths)):
+            for length, counts in enumerate(zip(*values_of(PICKS_KEY, model))):
                 picks.add_metric([model, str(length)], sum(counts))
-        yield picks
+        if picks.samples:
+            yield picks
 
 
-def register_policy_metrics() -> None:
+def register_metrics() -> None:
     """Register the collector in this process's Prometheus registry (vLLM's
     /metrics and `LLM.get_metrics()` read it; with several API servers vLLM
     reads its multiprocess files instead, and these are not shown)."""
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(PolicyMetricsCollector(metrics_dir()))
+    REGISTRY.register(MetricsCollector(metrics_dir()))

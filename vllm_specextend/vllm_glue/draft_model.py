@@ -11,6 +11,7 @@ lay out), and plan which rows draft over their working cache.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -21,7 +22,8 @@ from torch import nn
 
 from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
-from vllm_specextend.metrics import PolicyMetricsFile
+from vllm_specextend.metrics import MetricsFile
+from vllm_specextend.policy.step_clock import StepClock
 from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
@@ -38,6 +40,16 @@ from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, Wor
 
 logger = logging.getLogger("vllm.specextend")
 MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class WorkingCacheCounters:
+    """Totals since start-up, for metrics."""
+
+    refreshes: int = 0  # drafting rounds that refreshed working caches
+    working_caches_refreshed: int = 0
+    refresh_seconds: float = 0.0
+    working_cache_request_rounds: int = 0  # rows over a working cache, summed over rounds
 
 
 class SpecExtendDrafting:
@@ -82,18 +94,21 @@ class SpecExtendDrafting:
         if settings.tree:
             self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
                                             self.geometry.main_window, block_size)
-        self.policy_hooks = self.catch_up = self.metrics_file = None
+        self.policy_hooks = self.catch_up = None
         if settings.adaptive:
-            from vllm.distributed import get_tensor_model_parallel_rank
-
             max_requests = vllm_config.scheduler_config.max_num_seqs
             self.policy_hooks = PolicyHooks(
                 vllm_config.speculative_config.num_speculative_tokens, max_requests, device,
                 tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
             self.catch_up = DraftCatchUp(proposer, max_requests, block_size)
-            if get_tensor_model_parallel_rank() == 0:  # every rank counts the same
-                self.metrics_file = PolicyMetricsFile(
-                    vllm_config.model_config.served_model_name)
+        self.counters = WorkingCacheCounters()
+        self.clock = StepClock(device)
+        self.refresh_times: list[tuple] = []  # (began, ended) not yet read
+        self.metrics_file = None
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        if get_tensor_model_parallel_rank() == 0:  # every rank counts the same
+            self.metrics_file = MetricsFile(vllm_config.model_config.served_model_name)
         self.staging = HostStaging(proposer.max_num_tokens, device)
         self.runner = proposer.specextend_runner
         self.rounds = 0
@@ -136,8 +151,15 @@ class SpecExtendDrafting:
                            + self.proposer.net_num_new_slots_per_request)
         self.round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
         if len(due):
+            began = self.clock.now()
             self._refresh(metadata, query_indices, target_positions, due, cache_of_row[due])
             self.round.read_offsets()
+            self.refresh_times.append((began, self.clock.now()))
+            self.counters.refreshes += 1
+            self.counters.working_caches_refreshed += len(due)
+        self.counters.working_cache_request_rounds += len(self.round.compact_rows)
+        while self.refresh_times and self.clock.done(self.refresh_times[0][1]):
+            self.counters.refresh_seconds += self.clock.seconds(*self.refresh_times.pop(0))
         if not self._logged_first_working_caches and self.round.uses_working_caches:
             self._logged_first_working_caches = True
             logger.info("SpecExtend: first working caches filled (%d of %d requests past "
@@ -168,24 +190,26 @@ class SpecExtendDrafting:
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
             self.catch_up.stale.forget(req_id)
-            self._publish_policy_metrics(force=True)
         TREE_STATE.proposed.pop(req_id, None)
+        # vLLM dropped it already: with the last one gone, the totals are final.
+        self.publish_metrics(force=not self.runner.requests)
 
     def request_state(self) -> dict:
-        """How many requests each per-request structure still holds, and the
-        speculation policy's counters."""
+        """How many requests each per-request structure still holds, the
+        working caches' counters and the speculation policy's."""
         state = {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
-                 "proposed_trees": len(TREE_STATE.proposed)}
+                 "working_caches": self.caches.num_caches if self.caches else 0,
+                 "proposed_trees": len(TREE_STATE.proposed),
+                 **dataclasses.asdict(self.counters)}
         if self.policy_hooks is not None:
-            state.update(self._policy_state())
+            state.update(self.policy_hooks.state() | self.catch_up.state())
         return state
 
-    def _policy_state(self) -> dict:
-        return self.policy_hooks.state() | self.catch_up.state()
-
-    def _publish_policy_metrics(self, force: bool = False) -> None:
+    def publish_metrics(self, force: bool = False) -> None:
+        """To vLLM's metrics (`metrics.MetricsFile`): at most once a second,
+        or now (a request finished)."""
         if self.metrics_file is not None:
-            self.metrics_file.write(self._policy_state(), force)
+            self.metrics_file.write(self.request_state(), force)
 
     def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
         """Tokens the target ran for each request this step (host copy)."""
@@ -216,10 +240,8 @@ class SpecExtendDrafting:
         # Done with the prompt after this step: its drafts will be verified.
         decoding = (batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
                     >= batch.num_prompt_tokens[:num_reqs])
-        round_length = self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
-                                                      num_speculative_tokens)
-        self._publish_policy_metrics()
-        return round_length
+        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
+                                              num_speculative_tokens)
 
     def plan_forward(self, proposer, cad, draft_index: int):
         """Per-layer metadata of one draft forward: vLLM's own when no row of
@@ -323,6 +345,7 @@ def wrap_proposer_propose(original):
         drafting = getattr(self, "specextend", None)
         if drafting is None:
             return original(self, *args, **kwargs)
+        drafting.publish_metrics()
         bound = signature.bind(self, *args, **kwargs).arguments
         metadata = bound["common_attn_metadata"]
         hooks = drafting.policy_hooks
