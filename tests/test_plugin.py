@@ -67,7 +67,8 @@ def test_another_vllm_version_is_left_alone(tiny_pair):
     assert result["patches"] == ["vllm.engine.arg_utils.EngineArgs.create_engine_config"]
     assert result["stock_model"] == tiny_pair.target  # runs without specextend work
     assert "SpecExtendConfigError" in result["refusal"]
-    assert "vLLM 0.99.0 is installed; vllm-specextend supports vLLM 0.32.0" in result["refusal"]
+    assert ("vLLM 0.99.0 is installed; vllm-specextend supports vLLM 0.32.0 and 0.33.0"
+            in result["refusal"])
 
 
 def test_glue_that_cannot_import_is_refused_not_crashed(tiny_pair):

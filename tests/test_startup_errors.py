@@ -91,6 +91,36 @@ def test_tree_mode_refuses_async_scheduling(tiny_pair):
               tree_nodes=4)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("rejection_sample_method", "synthetic"),
+    ("num_speculative_tokens_per_batch_size", [[1, 4, 4]]),
+])
+def test_tree_mode_refuses_what_a_tree_cannot_honour(tiny_pair, field, value):
+    with pytest.raises(SpecExtendConfigError,
+                       match=rf"speculative_config\.{field}=.*: with tree=true"):
+        start(tiny_pair, tree=True, tree_nodes=4, **{field: value})
+
+
 def test_tree_too_wide_for_the_ancestor_masks(tiny_pair):
     with pytest.raises(SpecExtendConfigError, match=r"speculative_config\.tree_nodes=64"):
         start(tiny_pair, tree=True, tree_nodes=64)
+
+
+@pytest.mark.parametrize("block_size_seen", [128, 16])
+def test_blocks_fit_chunks_whenever_the_platform_sets_its_size(tiny_pair, block_size_seen):
+    """vLLM 0.32's CPU build sets its block size (128) with the engine
+    config; 0.33's later, in the executor (16 until then). Either way a
+    retrieval engine gets the largest of the CPU's sizes dividing a chunk."""
+    from types import SimpleNamespace
+
+    from vllm_specextend.config import SpecExtendConfig
+    from vllm_specextend.vllm_glue.engine_config import _fit_blocks_to_chunks
+
+    draft = SimpleNamespace(model=tiny_pair.draft,
+                            hf_config=SimpleNamespace(max_position_embeddings=2048))
+    cache_config = SimpleNamespace(block_size=block_size_seen, user_specified_block_size=False)
+    vllm_config = SimpleNamespace(
+        cache_config=cache_config, model_config=SimpleNamespace(max_model_len=8192),
+        speculative_config=SimpleNamespace(draft_model_config=draft, num_speculative_tokens=4))
+    _fit_blocks_to_chunks(SpecExtendConfig(chunk_size=32), vllm_config)
+    assert cache_config.block_size == 32 and cache_config.user_specified_block_size

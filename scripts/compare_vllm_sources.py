@@ -1,0 +1,187 @@
+"""Compare what vllm-specextend touches in the installed vLLM with another
+vLLM's sources (a wheel, or an unpacked source tree), without installing it.
+
+Checked, from the sources alone:
+- every patch target in `vllm_glue.registry.PATCHES`: present, signature
+  the same, body the same or changed (a changed body is for a person to
+  read: `--show-changed` prints the difference);
+- every name the glue imports from vLLM (`from vllm.x import y`): the
+  module exists and defines it;
+- every attribute the glue reads off vLLM's proposer, model runner and
+  input batch (`proposer.x`, `runner.x`, `batch.x`, ...): still assigned
+  (`self.x = ...`) or defined in the class's source file.
+
+Usage: python scripts/compare_vllm_sources.py vllm-0.33.0-...whl [--show-changed]
+Exit status 1 when anything is missing or a signature differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+GLUE = Path(__file__).resolve().parents[1] / "vllm_specextend" / "vllm_glue"
+# Objects of vLLM's the glue reads attributes off, and the files that define them.
+ATTRIBUTE_OWNERS = {
+    "proposer": ("vllm/v1/spec_decode/llm_base_proposer.py", "vllm/v1/spec_decode/draft_model.py",
+                 "vllm/v1/spec_decode/eagle.py"),
+    "runner": ("vllm/v1/worker/gpu_model_runner.py",),
+    "batch": ("vllm/v1/worker/gpu_input_batch.py",),
+    "input_batch": ("vllm/v1/worker/gpu_input_batch.py",),
+    "cad": ("vllm/v1/attention/backend.py",),
+    "metadata": ("vllm/v1/attention/backend.py", "vllm/v1/sample/metadata.py"),
+    "cache_config": ("vllm/config/cache.py",),
+    "scheduler_output": ("vllm/v1/core/sched/output.py",),
+}
+
+
+class Sources:
+    """vLLM's .py files, from a wheel or a folder holding `vllm/`."""
+
+    def __init__(self, location: Path):
+        self.location = location
+        self.archive = zipfile.ZipFile(location) if location.suffix == ".whl" else None
+        self.names = set(self.archive.namelist()) if self.archive else None
+
+    def read(self, name: str) -> str | None:
+        if self.archive is not None:
+            return self.archive.read(name).decode() if name in self.names else None
+        path = self.location / name
+        return path.read_text() if path.is_file() else None
+
+    def module(self, dotted: str) -> str | None:
+        base = dotted.replace(".", "/")
+        return self.read(f"{base}.py") or self.read(f"{base}/__init__.py")
+
+
+def find(source: str, qualname: str) -> ast.AST | None:
+    node: ast.AST = ast.parse(source)
+    for part in qualname.split("."):
+        matches = [child for child in ast.iter_child_nodes(node)
+                   if getattr(child, "name", None) == part]
+        if not matches:
+            return None
+        node = matches[-1]
+    return node
+
+
+def defines(sources: "Sources", module: str, name: str) -> bool:
+    """A module-level def, class, assignment or import of `name` (through
+    `from .x import *`)."""
+    source = sources.module(module)
+    if source is None:
+        return False
+    is_package = sources.read(f"{module.replace('.', '/')}/__init__.py") is not None
+    package = module if is_package else module.rsplit(".", 1)[0]
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ImportFrom) and node.names[0].name == "*":
+            base = package if node.level else ""
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rsplit(".", 1)[0]
+            target = ".".join(part for part in (base, node.module) if part)
+            if defines(sources, target, name):
+                return True
+        if getattr(node, "name", None) == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((alias.asname or alias.name).split(".")[0] == name for alias in node.names):
+                return True
+        if isinstance(node, ast.If | ast.Try):  # names defined under TYPE_CHECKING or try
+            if name in ast.unparse(node):
+                return True
+    return False
+
+
+def glue_sources() -> dict[str, str]:
+    return {path.name: path.read_text() for path in sorted(GLUE.glob("*.py"))}
+
+
+def imported_names(glue: dict[str, str]) -> set[tuple[str, str]]:
+    names = set()
+    for source in glue.values():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm."):
+                names.update((node.module, alias.name) for alias in node.names)
+    return names
+
+
+def read_attributes(glue: dict[str, str]) -> set[tuple[str, str]]:
+    pattern = re.compile(r"\b(" + "|".join(ATTRIBUTE_OWNERS) + r")\.([A-Za-z_]\w*)\b")
+    pairs = set()
+    for source in glue.values():
+        pairs.update(pattern.findall(source))
+    return {(owner, name) for owner, name in pairs if not name.startswith("specextend")}
+
+
+def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]:
+    sys.path.insert(0, str(GLUE.parents[1]))
+    from vllm_specextend.vllm_glue.registry import PATCHES
+
+    problems, report = [], []
+    for patch in PATCHES:
+        mine, theirs = installed.module(patch.module), other.module(patch.module)
+        label = f"{patch.module}:{patch.qualname}"
+        if patch.adds:
+            owner = patch.qualname.rsplit(".", 1)[0]
+            found = theirs is not None and find(theirs, owner) is not None
+            report.append(f"{'ok' if found else 'MISSING':9s} {label} (added to {owner})")
+            problems += [] if found else [label]
+            continue
+        old = find(mine, patch.qualname) if mine else None
+        new = find(theirs, patch.qualname) if theirs else None
+        if new is None:
+            report.append(f"MISSING   {label}")
+            problems.append(label)
+            continue
+        same_signature = ast.dump(old.args) == ast.dump(new.args)
+        same_body = ast.dump(old) == ast.dump(new)
+        report.append(f"{'ok' if same_signature else 'SIGNATURE':9s} {label}: body "
+                      f"{'the same' if same_body else 'changed'}")
+        problems += [] if same_signature else [label]
+        if show_changed and not same_body:
+            report.extend("    " + line for line in difflib.unified_diff(
+                ast.unparse(old).splitlines(), ast.unparse(new).splitlines(), lineterm="", n=1))
+    glue = glue_sources()
+    for module, name in sorted(imported_names(glue)):
+        if not (defines(other, module, name) or other.module(f"{module}.{name}")):
+            report.append(f"MISSING   import {name} from {module}")
+            problems.append(f"{module}.{name}")
+    checked = 0
+    for owner, attribute in sorted(read_attributes(glue)):
+        texts = [other.read(name) or "" for name in ATTRIBUTE_OWNERS[owner]]
+        if not any(re.search(rf"(self\.{attribute}\b|def {attribute}\b|^\s+{attribute}\s*:)",
+                             text, re.M) for text in texts):
+            report.append(f"MISSING   attribute {owner}.{attribute}")
+            problems.append(f"{owner}.{attribute}")
+        checked += 1
+    report.append(f"{len(PATCHES)} patch targets, {len(imported_names(glue))} imported "
+                  f"names, {checked} attributes checked; {len(problems)} problems")
+    print("\n".join(report))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", type=Path, help="a vLLM wheel, or a folder holding vllm/")
+    parser.add_argument("--installed", type=Path, default=None,
+                        help="the reference sources (default: the installed vLLM)")
+    parser.add_argument("--show-changed", action="store_true")
+    args = parser.parse_args(argv)
+    if args.installed is None:
+        import importlib.util
+
+        args.installed = Path(importlib.util.find_spec("vllm").origin).parents[1]
+    return 1 if compare(Sources(args.installed), Sources(args.other), args.show_changed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
