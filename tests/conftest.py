@@ -38,13 +38,14 @@ def without_triton_interpreter(environment) -> dict:
     return {key: value for key, value in environment.items() if key != "TRITON_INTERPRET"}
 
 
-def run_engine(job: dict, tmp_path: Path) -> tuple[dict, str]:
-    """Run tests/engine_job.py on `job` in a fresh process; return its result
-    and its combined log."""
+def run_engine(job: dict, tmp_path: Path, env: dict | None = None) -> tuple[dict, str]:
+    """Run tests/engine_job.py on `job` in a fresh process (with `env` added
+    to its environment); return its result and its combined log."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
     job_path.write_text(json.dumps(job))
-    env = {**without_triton_interpreter(os.environ), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env = {**without_triton_interpreter(os.environ), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(TESTS_DIR / "engine_job.py"), str(job_path), str(result_path)],
         capture_output=True,

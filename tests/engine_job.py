@@ -44,6 +44,8 @@ def main(job_path: str, result_path: str) -> None:
         llm.collective_rpc(_count_host_syncs)
     if job.get("record_attention_spans"):
         llm.collective_rpc(_record_attention_spans)
+    if job.get("record_chunk_choices"):
+        llm.collective_rpc(_record_chunk_choices)
     if "counter_marks" in job:  # one prompt, step by step
         token_ids, result = _counters_along_output(llm, prompts[0], params,
                                                    job["counter_marks"])
@@ -63,6 +65,8 @@ def main(job_path: str, result_path: str) -> None:
         [result["host_syncs"]] = llm.collective_rpc(_host_syncs_counted)
     if job.get("record_attention_spans"):
         [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
+    if job.get("record_chunk_choices"):  # one list per tensor-parallel rank
+        result["chunk_choices"] = llm.collective_rpc(_chunk_choices_recorded)
     if job.get("request_state"):
         result["request_state"] = _state_once_idle(llm)
         result["specextend_metrics"] = specextend_metrics(llm)
@@ -192,6 +196,25 @@ def _record_attention_spans(worker):
         return kernel(*args, **kwargs)
 
     ops.cpu_attention_with_kv_cache = recording_kernel
+
+
+def _record_chunk_choices(worker):
+    """Record the chunks each refresh keeps, per row, in this worker."""
+    from vllm_specextend.vllm_glue import cross_model_retrieval
+
+    select = cross_model_retrieval.select_chunks
+    choices = worker.specextend_chunk_choices = []
+
+    def recording_select(scores, *args):
+        kept, num_kept = select(scores, *args)
+        choices.append([row[:count].tolist() for row, count in zip(kept, num_kept.tolist())])
+        return kept, num_kept
+
+    cross_model_retrieval.select_chunks = recording_select
+
+
+def _chunk_choices_recorded(worker):
+    return worker.specextend_chunk_choices
 
 
 def _attention_spans_recorded(worker):
