@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import torch
 from torch import nn
+from vllm.distributed import get_tensor_model_parallel_rank
 
 from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
@@ -108,8 +109,6 @@ class SpecExtendDrafting:
         self.clock = StepClock(device)
         self.refresh_times: list[tuple] = []  # (began, ended) not yet read
         self.metrics_file = None
-        from vllm.distributed import get_tensor_model_parallel_rank
-
         if get_tensor_model_parallel_rank() == 0:  # every rank counts the same
             self.metrics_file = MetricsFile(vllm_config.model_config.served_model_name)
         self.staging = HostStaging(proposer.max_num_tokens, device)
@@ -210,7 +209,7 @@ class SpecExtendDrafting:
 
     def publish_metrics(self, force: bool = False) -> None:
         """To vLLM's metrics (`metrics.MetricsFile`): at most once a second,
-        or now (a request finished)."""
+        or now (the last request finished)."""
         if self.metrics_file is not None:
             self.metrics_file.write(self.request_state(), force)
 
@@ -225,9 +224,10 @@ class SpecExtendDrafting:
         req_ids = batch.req_ids[:num_reqs]
         holds_working_cache = self.caches is not None and any(
             req_id in self.caches.holder for req_id in req_ids)
-        return self.catch_up.skips(round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
-                                   self._scheduled_lens(num_reqs),
-                                   batch.num_prompt_tokens[:num_reqs], holds_working_cache)
+        return self.catch_up.skips(
+            round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
+            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
+            holds_working_cache)
 
     def catch_up_draft(self, metadata) -> None:
         """The draft reads the tokens of the rounds it skipped."""
