@@ -4,9 +4,12 @@ After the proposer loads the draft, `SpecExtendDrafting` attaches to it and
 allocates, before vLLM measures memory for its KV cache, everything it
 keeps: the working caches, the target's final-layer query capture, the tree
 scratch rows. Each draft layer's attention is wrapped (`draft_attention`).
-Before every drafting round, `before_drafting` is the SpecExtend step:
-free the caches of requests that left, refresh when due (score, select,
-lay out), and plan which rows draft over their working cache.
+Each drafting round (`wrap_proposer_propose`): with the speculation policy
+on, pick the round's length, and skip the draft where every request
+stepped aside, else first let it read what skipped rounds left out
+(`draft_catch_up`); then `before_drafting`, the SpecExtend step: free the
+caches of requests that left, refresh when due (score, select, lay out),
+and plan which rows draft over their working cache.
 """
 
 from __future__ import annotations
