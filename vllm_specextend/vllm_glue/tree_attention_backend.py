@@ -34,6 +34,9 @@ BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"
 
 class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
     logged_first_rows = False  # once per process, not per layer
+    # The chain rows of the step's metadata, planned by its first layer (vLLM
+    # hands every target layer the same metadata object) for the others.
+    chain_plan: tuple[object, ScheduledTrees | None] = (None, None)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -56,7 +59,10 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         trees = TREE_STATE.scheduled
         if trees is None and self.verifies_chains:
-            trees = self._chain_rows(attn_metadata)
+            planned_for, trees = HybridTreeCPUAttentionImpl.chain_plan
+            if planned_for is not attn_metadata:
+                trees = self._chain_rows(attn_metadata)
+                HybridTreeCPUAttentionImpl.chain_plan = (attn_metadata, trees)
         if trees is not None:
             self._verify_with_hta(trees, query, kv_cache, attn_metadata.block_table, output)
         return output
