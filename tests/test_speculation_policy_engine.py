@@ -111,8 +111,9 @@ def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, targe
 @pytest.fixture(scope="module")
 def phased_runs(tiny_pair, prompts, first_phase, phased_self_draft, tmp_path_factory):
     """The phased request alone, policy on and off, with vLLM's counters at
-    the end of its first phase, 40 tokens later, and at the end."""
-    marks = [first_phase, first_phase + 40, PHASED_MAX_TOKENS]
+    the end of its first phase, 64 tokens later (failed probes wait up to
+    32 rounds: the first accepted one comes within them), and at the end."""
+    marks = [first_phase, first_phase + 64, PHASED_MAX_TOKENS]
     runs = {}
     for adaptive in (True, False):
         job = specextend_job(tiny_pair.target, phased_self_draft, prompts[:1],

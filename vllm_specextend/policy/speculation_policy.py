@@ -8,12 +8,15 @@ drafting round, how many tokens every request drafts.
   their acceptance by position and the measured costs.
 - A request at 0 has stepped aside: its drafts cost more than they return.
   Its new tokens still reach the draft (the next round that runs the draft
-  reads them: `stale_drafts`). Every `probe_every` rounds aside it drafts
-  one token, a probe; each failed probe doubles the wait (up to
-  `max_probe_every`), an accepted one brings the next to the next round,
-  so a request whose text turns predictable (copying, code) comes back
-  within a few rounds. A probe costs one verified token and a round that
-  runs the draft.
+  reads them: `stale_drafts`). Now and then it drafts one token, a probe.
+  A probe costs a round that runs the draft (S(1) against S(0): on long
+  contexts nearly a second target step) for what its acceptance returns,
+  so failed probes may take at most `probe_budget` of the time: the wait
+  after one is the longer of twice the last wait and what the budget
+  allows, from `probe_every` up to `max_probe_every` rounds. An accepted
+  probe brings the next one to the next round, so a request whose text
+  turns predictable (copying, code) comes back within a few rounds of its
+  first accepted probe.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class PolicyCounters:
 class SpeculationPolicy:
     def __init__(self, max_drafts: int, max_requests: int, decay: float = 0.9,
                  warmup_rounds: int | None = None, probe_every: int = 4,
-                 max_probe_every: int = 16):
+                 max_probe_every: int = 32, probe_budget: float = 0.03):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
         self.costs = MeasuredCosts(max_drafts, decay)
@@ -73,6 +76,7 @@ class SpeculationPolicy:
                               else warmup_rounds)
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
+        self.probe_budget = probe_budget
         self.rounds_aside: dict[str, int] = {}
         self.probe_wait: dict[str, int] = {}
         self.probing: set[str] = set()
@@ -111,7 +115,7 @@ class SpeculationPolicy:
                 self.rounds_aside.pop(req_id, None)
                 continue
             aside = self.rounds_aside.get(req_id, 0) + 1
-            if aside >= self.probe_wait.get(req_id, self.probe_every):
+            if aside >= self.probe_wait.setdefault(req_id, self._affordable_wait()):
                 picks[row], aside = 1, 0
                 self.probing.add(req_id)
                 probes += 1
@@ -131,7 +135,16 @@ class SpeculationPolicy:
             if req_id in self.probing:
                 self.probing.discard(req_id)
                 wait = self.probe_wait.get(req_id, self.probe_every)
-                self.probe_wait[req_id] = 1 if hit else min(2 * wait, self.max_probe_every)
+                self.probe_wait[req_id] = 1 if hit else min(
+                    max(2 * wait, self._affordable_wait()), self.max_probe_every)
+
+    def _affordable_wait(self) -> int:
+        """Rounds between failed probes for them to take at most
+        `probe_budget` of the time: a probe round costs S(1) - S(0) more."""
+        steps = self.costs.current().step_by_round_length
+        extra = max(steps[1] - steps[0], 0.0) / max(steps[0], 1e-9)
+        wait = int(np.ceil(extra / self.probe_budget))
+        return int(np.clip(wait, self.probe_every, self.max_probe_every))
 
     def observe_cost(self, round_length: int, drafts: int, seconds: float) -> None:
         """A drafting round of `round_length` and the target step that
