@@ -159,12 +159,14 @@ def policy_counters(llm) -> dict:
 def policy_summary(before: dict, after: dict) -> dict | None:
     """What the per-request policy picked over one sample: decoding rounds,
     the share of them a request sat out, the mean draft length, rounds by
-    draft length, probes."""
+    draft length, probes, rounds that skipped the draft and the tokens it
+    read late."""
     if "policy_rounds" not in after:
         return None
     delta = {name: after[name] - before.get(name, 0) for name in (
         "policy_rounds", "policy_requests_drafting", "policy_requests_stepped_aside",
-        "policy_probes", "policy_drafts_picked")}
+        "policy_probes", "policy_drafts_picked", "policy_rounds_skipped",
+        "policy_tokens_caught_up")}
     decided = delta["policy_requests_drafting"] + delta["policy_requests_stepped_aside"]
     by_length = after["policy_picks_by_length"]
     previous = before.get("policy_picks_by_length") or [0] * len(by_length)
@@ -173,7 +175,9 @@ def policy_summary(before: dict, after: dict) -> dict | None:
                                        if decided else None),
             "mean_pick": delta["policy_drafts_picked"] / decided if decided else None,
             "picks_by_length": [a - b for a, b in zip(by_length, previous)],
-            "probes": delta["policy_probes"], "costs_s": after["policy_costs_s"]}
+            "probes": delta["policy_probes"], "rounds_skipped": delta["policy_rounds_skipped"],
+            "tokens_caught_up": delta["policy_tokens_caught_up"],
+            "costs_s": after["policy_costs_s"]}
 
 
 def check_against_ar(out: Path) -> int:
