@@ -11,7 +11,7 @@ import pytest
 from conftest import MIXED_PROMPT_LENGTHS, run_engine
 from vllm_specextend import SpecExtendConfigError
 from vllm_specextend.models.eagle3 import build_random_eagle3_head
-from vllm_specextend.models.tiny import build_tiny_qwen2_target
+from vllm_specextend.models.tiny import build_tiny_qwen2_target, build_tiny_target
 
 HEAD_WINDOW = 2048
 MAX_NEW_TOKENS = 24
@@ -125,3 +125,43 @@ def test_target_without_auxiliary_hidden_states(tiny_pair, llama_head, tmp_path)
                        match=r"draft_method=eagle3: the target's architecture "
                              r"GPT2LMHeadModel gives no auxiliary hidden states"):
         start(str(tmp_path), llama_head)
+
+
+def without_eagle_config(head: str, folder) -> str:
+    """The head as a config.json without `eagle_config` ships it (vLLM then
+    picks the target layers it reads)."""
+    import json
+    import shutil
+
+    shutil.copytree(head, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["eagle_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_head_without_eagle_config_serves(mixed_prompts, tmp_path):
+    """On an 8-layer target vLLM's default layers (2, 4, 5) serve the head:
+    greedy output equal to the target's alone, drafts proposed."""
+    target = build_tiny_target(8)
+    head = without_eagle_config(build_random_eagle3_head(target, tmp_path / "head",
+                                                         HEAD_WINDOW), tmp_path / "bare")
+    job = {"model": target, "prompts": mixed_prompts[:2], "max_tokens": 8}
+    target_only, _ = run_engine(job, tmp_path / "target_only")
+    job["speculative_config"] = {"method": "specextend", "model": head,
+                                 "num_speculative_tokens": 3}
+    specextend, log = run_engine(job, tmp_path / "specextend")
+    assert specextend["token_ids"] == target_only["token_ids"]
+    assert specextend["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
+    assert "chain drafts from an eagle3 head" in log
+
+
+def test_head_without_eagle_config_on_a_shallow_target_is_refused(tiny_pair, llama_head,
+                                                                 tmp_path):
+    """vLLM's default for the 4-layer target, (2, 2, 1), is two layers: stock
+    eagle3 fails at the first decoding step; SpecExtend refuses at start-up."""
+    head = without_eagle_config(llama_head, tmp_path / "bare")
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.model: .*eagle_aux_hidden_state_layer_ids"
+                             r".*4-layer target, \(2, 2, 1\), is 2 distinct layers"):
+        start(tiny_pair.target, head)

@@ -142,12 +142,28 @@ def build_tiny_qwen2_target(cache_dir: Path | None = None, seed: int = 0) -> str
     """A tiny random Qwen2-shaped target (same sizes and tokenizer as the
     Llama pair's target): the other family vLLM gives EAGLE-3 heads
     auxiliary hidden states for. Built once; returns its folder."""
-    import torch
-    from transformers import Qwen2ForCausalLM
+    return build_tiny_target(4, "qwen2", cache_dir, seed)
 
-    folder = (cache_dir or default_cache_dir()) / f"tiny-seed{seed}" / "qwen2-target"
+
+def build_tiny_target(num_layers: int, family: str = "llama", cache_dir: Path | None = None,
+                      seed: int = 0) -> str:
+    """A tiny random target of `num_layers` layers (the pair's sizes and
+    tokenizer otherwise). Built once; returns its folder."""
+    import torch
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    folder = (cache_dir or default_cache_dir()) / f"tiny-seed{seed}" / (
+        f"{family}-target-{num_layers}-layers")
     if _is_built(folder):
         return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model_class = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
+    target = model_class(_llama_config(num_layers, TARGET_MAX_POSITIONS, family=family))
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20.0)
+    _save(target, _byte_level_tokenizer(), folder)
+    return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     target = Qwen2ForCausalLM(_llama_config(4, TARGET_MAX_POSITIONS, family="qwen2"))

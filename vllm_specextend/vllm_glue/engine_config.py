@@ -226,12 +226,36 @@ def _check_eagle_head(settings: SpecExtendConfig, vllm_config: Any) -> None:
                 f"{architecture} gives no auxiliary hidden states for an EAGLE-3 head in "
                 f"vLLM; supported: Llama and Qwen2 families, among others")
     head = draft_config_file(spec.draft_model_config.model)
+    if settings.draft_method == "eagle3":
+        _check_auxiliary_layers(head, target.hf_text_config.num_hidden_layers)
     head_width = head.get("target_hidden_size") or head.get("hidden_size")
     if head_width and head_width != target.get_hidden_size():
         raise SpecExtendConfigError(
             f"speculative_config.model: the {settings.draft_method} head reads hidden "
             f"states of width {head_width}, but the target's hidden size is "
             f"{target.get_hidden_size()}: the head was trained for another target")
+
+
+def _check_auxiliary_layers(head: dict, num_layers: int) -> None:
+    """A head that names no target layers to read gets vLLM's default,
+    (2, n // 2, n - 3) of an n-layer target (Llama, Qwen2); on a shallow
+    target those are fewer than the three layers the head folds, and the
+    first decoding step would fail."""
+    eagle_config = head.get("eagle_config") or {}
+    if (head.get("eagle_aux_hidden_state_layer_ids")
+            or eagle_config.get("eagle_aux_hidden_state_layer_ids")
+            or eagle_config.get("use_aux_hidden_state") is False):
+        return
+    default = (2, num_layers // 2, num_layers - 3)
+    layers = {layer for layer in default if 0 <= layer < num_layers}
+    if len(layers) < 3:
+        raise SpecExtendConfigError(
+            f"speculative_config.model: the EAGLE-3 head's config.json names no target "
+            f"layers to read (eagle_config.eagle_aux_hidden_state_layer_ids), and vLLM's "
+            f"default for this {num_layers}-layer target, {default}, is {len(layers)} "
+            f"distinct layers where the head folds three; add "
+            f"eagle_config.eagle_aux_hidden_state_layer_ids (three layers of the target, "
+            f"as the head was trained) to its config.json")
 
 
 def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
