@@ -265,3 +265,17 @@ def test_a_request_recomputed_from_its_prompt_has_nothing_to_catch_up():
     stale.skip(["b"], np.array([7]))
     stale.forget("b")
     assert stale.held_requests() == 0
+
+
+def test_catching_up_is_the_price_of_probing_not_of_drafting():
+    """A round that first read skipped rounds' tokens stays out of the
+    per-length costs (drafting round after round needs no catch-up) and
+    makes failed probes wait longer."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    simulate(policy, lambda step: 0.9, policy.warmup_rounds, costs=CPU_COSTS_SKIPPING)
+    costs, wait = policy.current_costs(), policy._affordable_wait()
+    for _ in range(20):
+        policy.observe_cost(1, 1, CPU_COSTS_SKIPPING.step_seconds(1, 1) + 0.2, caught_up=True)
+    assert policy.current_costs() == costs
+    assert policy.catch_up_seconds == pytest.approx(0.2, rel=0.2)
+    assert policy._affordable_wait() > wait

@@ -77,6 +77,8 @@ class SpeculationPolicy:
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_budget = probe_budget
+        self.decay = decay
+        self.catch_up_seconds: float | None = None  # decayed mean, once measured
         self.rounds_aside: dict[str, int] = {}
         self.probe_wait: dict[str, int] = {}
         self.probing: set[str] = set()
@@ -140,16 +142,29 @@ class SpeculationPolicy:
 
     def _affordable_wait(self) -> int:
         """Rounds between failed probes for them to take at most
-        `probe_budget` of the time: a probe round costs S(1) - S(0) more."""
+        `probe_budget` of the time: a probe round costs S(1) - S(0) more,
+        and catching the draft up."""
         steps = self.costs.current().step_by_round_length
-        extra = max(steps[1] - steps[0], 0.0) / max(steps[0], 1e-9)
+        extra = (max(steps[1] - steps[0], 0.0) + (self.catch_up_seconds or 0.0)) / max(
+            steps[0], 1e-9)
         wait = int(np.ceil(extra / self.probe_budget))
         return int(np.clip(wait, self.probe_every, self.max_probe_every))
 
-    def observe_cost(self, round_length: int, drafts: int, seconds: float) -> None:
+    def observe_cost(self, round_length: int, drafts: int, seconds: float,
+                     caught_up: bool = False) -> None:
         """A drafting round of `round_length` and the target step that
-        verified its `drafts` (all requests) took `seconds`."""
-        self.costs.observe_step(round_length, drafts, seconds)
+        verified its `drafts` (all requests) took `seconds`. A round that
+        first caught the draft up (after skipped rounds) costs more than
+        drafting does round after round: what it cost beyond the measured
+        round is kept apart, as the price of resuming (probes), so that it
+        does not make drafting look dearer than it is."""
+        if not caught_up:
+            self.costs.observe_step(round_length, drafts, seconds)
+        elif self.costs.ready():
+            extra = max(seconds - self.costs.current().step_seconds(round_length, drafts), 0.0)
+            self.catch_up_seconds = (extra if self.catch_up_seconds is None else
+                                     self.decay * self.catch_up_seconds
+                                     + (1 - self.decay) * extra)
 
     def release(self, req_id: str) -> None:
         """The request finished: forget it."""

@@ -56,11 +56,12 @@ class DraftCatchUp:
         return torch.empty(batch_size, 0, dtype=torch.int64, device=self.proposer.device)
 
     def catch_up(self, metadata, req_ids: list[str], computed: np.ndarray,
-                 token_ids: np.ndarray) -> None:
-        """One draft forward over the tokens each behind request missed."""
+                 token_ids: np.ndarray) -> bool:
+        """One draft forward over the tokens each behind request missed;
+        whether there were any."""
         rows, firsts = self.stale.take(req_ids, computed)
         if not len(rows):
-            return
+            return False
         ends = computed[rows]
         counts = ends - firsts
         token_rows = np.repeat(np.arange(len(rows)), counts)
@@ -86,6 +87,7 @@ class DraftCatchUp:
             proposer.model(input_ids=to_device("token_ids", token_ids[rows[token_rows],
                                                                        positions]),
                            positions=positions_device, inputs_embeds=None)
+        return True
 
     def state(self) -> dict:
         return {"policy_rounds_skipped": self.stale.rounds_skipped,

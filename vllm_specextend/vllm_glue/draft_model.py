@@ -232,12 +232,13 @@ class SpecExtendDrafting:
             self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
             holds_working_cache)
 
-    def catch_up_draft(self, metadata) -> None:
-        """The draft reads the tokens of the rounds it skipped."""
+    def catch_up_draft(self, metadata) -> bool:
+        """The draft reads the tokens of the rounds it skipped; whether any."""
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
-        self.catch_up.catch_up(metadata, batch.req_ids[:num_reqs],
-                               batch.num_computed_tokens_cpu[:num_reqs], batch.token_ids_cpu)
+        return self.catch_up.catch_up(metadata, batch.req_ids[:num_reqs],
+                                      batch.num_computed_tokens_cpu[:num_reqs],
+                                      batch.token_ids_cpu)
 
     def round_length(self, metadata, num_speculative_tokens: int) -> int:
         """The policy's draft length for this round (at most vLLM's)."""
@@ -360,7 +361,7 @@ def wrap_proposer_propose(original):
             if drafting.skips_round(metadata, round_length):
                 hooks.round_ended(0)
                 return drafting.catch_up.no_drafts(metadata.batch_size())
-            drafting.catch_up_draft(metadata)
+            caught_up = drafting.catch_up_draft(metadata)
             bound["num_speculative_tokens"] = round_length
             args, kwargs = (), {name: value for name, value in bound.items() if name != "self"}
         query_indices = bound.get("token_indices_to_sample")
@@ -371,7 +372,7 @@ def wrap_proposer_propose(original):
             if drafting.tree_drafter is None:
                 drafts = original(self, *args, **kwargs)
                 if hooks is not None:
-                    hooks.round_ended(round_length)
+                    hooks.round_ended(round_length, caught_up)
                 return drafts
             return drafting.tree_drafter.propose(
                 drafting.runner.input_batch.req_ids[: metadata.num_reqs], drafting.round,

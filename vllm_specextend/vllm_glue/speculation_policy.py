@@ -39,6 +39,7 @@ class _TimedStep:
     round_began: object = None
     round_ended: object = None
     round_length: int = 0
+    caught_up: bool = False  # the round first read tokens of skipped rounds
     ended: object = None
 
 
@@ -86,9 +87,10 @@ class PolicyHooks:
             self.step.round_began = self.clock.now()
         return int(picks.max(initial=0))
 
-    def round_ended(self, round_length: int) -> None:
+    def round_ended(self, round_length: int, caught_up: bool = False) -> None:
         if self.step is not None:
             self.step.round_ended, self.step.round_length = self.clock.now(), round_length
+            self.step.caught_up = caught_up
 
     def step_ended(self, output) -> None:
         """Learn from the step's verification; time the steps that have ended."""
@@ -116,7 +118,7 @@ class PolicyHooks:
             previous, self.previous = self.previous, (step, round_s)
             if previous is not None and previous[0].decode_only and step.decode_only:
                 self.policy.observe_cost(previous[0].round_length, step.verified_drafts,
-                                         previous[1] + target_s)
+                                         previous[1] + target_s, previous[0].caught_up)
 
     def cut_to_picks(self, draft_token_ids):
         """The scheduler gets each request's drafts cut to its pick."""
