@@ -110,6 +110,7 @@ class SpeculationPolicy:
                decoding: np.ndarray) -> tuple[np.ndarray, int]:
         """Requests aside long enough draft one token this round."""
         probes = 0
+        first_wait = self._affordable_wait()  # once a round, not per request
         for row, req_id in enumerate(req_ids):
             if not decoding[row]:
                 continue
@@ -117,7 +118,7 @@ class SpeculationPolicy:
                 self.rounds_aside.pop(req_id, None)
                 continue
             aside = self.rounds_aside.get(req_id, 0) + 1
-            if aside >= self.probe_wait.setdefault(req_id, self._affordable_wait()):
+            if aside >= self.probe_wait.setdefault(req_id, first_wait):
                 picks[row], aside = 1, 0
                 self.probing.add(req_id)
                 probes += 1
