@@ -74,3 +74,23 @@ def test_a_key_an_engine_lacks_is_not_shown(tmp_path, monkeypatch):
     assert 'vllm:specextend_refreshes_total{model_name="qwen"} 7.0' in text
     assert 'vllm:specextend_working_caches{model_name="qwen"} 4.0' in text
     assert "policy" not in text and "refresh_seconds" not in text
+
+
+def test_each_engine_configuration_gets_its_own_folder_and_collector(monkeypatch):
+    """A front end counts only its own engines: a folder inherited from a
+    parent process (which configured engines of its own) is replaced."""
+    from prometheus_client import REGISTRY
+
+    from vllm_specextend import metrics
+
+    monkeypatch.setenv(METRICS_DIR_ENV, "/a/parent/front/end/folder")
+    metrics.register_metrics()
+    first, first_collector = metrics.metrics_dir(), metrics._collector
+    metrics.register_metrics()
+    assert metrics.metrics_dir() != first and metrics.metrics_dir().is_dir()
+    assert first_collector not in REGISTRY._collector_to_names
+    assert metrics._collector in REGISTRY._collector_to_names
+    REGISTRY.unregister(metrics._collector)
+    metrics._collector = None
+    monkeypatch.delenv(METRICS_DIR_ENV)
+    assert MetricsFile("qwen").failed  # no front end of ours: nothing written

@@ -59,9 +59,10 @@ def acceptance_rate(counters: dict[str, float]) -> float | None:
 # SpecExtend's numbers in vLLM's Prometheus metrics. They are counted in
 # the worker; vLLM's /metrics (and `LLM.get_metrics()`) is read in the
 # front-end process. The worker writes its totals to a small file, at most
-# once a second and when its last request finishes, in a folder the front
-# end made (inherited through the environment); a collector registered in
-# the front end's Prometheus registry reads the files when scraped.
+# once a second and when its last request finishes, in a folder its front
+# end made when it configured the engine (named in the environment the
+# engine's processes inherit); a collector registered in the front end's
+# Prometheus registry reads that folder's files when scraped.
 METRICS_DIR_ENV = "VLLM_SPECEXTEND_METRICS_DIR"
 WRITE_EVERY_S = 1.0
 # (worker state key, metric name without the "vllm:specextend_" prefix, kind,
@@ -101,18 +102,15 @@ METRICS = (
 )
 PICKS_KEY = "policy_picks_by_length"
 
-_metrics_dir: tempfile.TemporaryDirectory | None = None  # removed when the process exits
+# This front end's folder (removed with it) and the collector reading it.
+_metrics_dir: tempfile.TemporaryDirectory | None = None
+_collector: "MetricsCollector | None" = None
 
 
-def metrics_dir() -> Path:
-    """The folder worker files go to: made by the first process that asks
-    (the front end, before vLLM starts its engine), inherited by the rest."""
+def metrics_dir() -> Path | None:
+    """The folder a worker writes to: its front end's."""
     folder = os.environ.get(METRICS_DIR_ENV)
-    if folder is None:
-        global _metrics_dir
-        _metrics_dir = tempfile.TemporaryDirectory(prefix="vllm-specextend-metrics-")
-        folder = os.environ[METRICS_DIR_ENV] = _metrics_dir.name
-    return Path(folder)
+    return Path(folder) if folder else None
 
 
 class MetricsFile:
@@ -120,9 +118,10 @@ class MetricsFile:
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.path = metrics_dir() / f"engine-{os.getpid()}.json"
+        folder = metrics_dir()
+        self.path = folder / f"engine-{os.getpid()}.json" if folder else None
         self.last_write = -float("inf")
-        self.failed = False
+        self.failed = self.path is None  # no front end of ours to read it
 
     def write(self, state: dict, force: bool = False) -> None:
         now = time.monotonic()
@@ -186,9 +185,19 @@ class MetricsCollector:
 
 
 def register_metrics() -> None:
-    """Register the collector in this process's Prometheus registry (vLLM's
-    /metrics and `LLM.get_metrics()` read it; with several API servers vLLM
-    reads its multiprocess files instead, and these are not shown)."""
+    """In a front end configuring a SpecExtend engine: a fresh folder for its
+    engine's files, named in the environment before vLLM starts the engine's
+    processes, and its collector in this process's Prometheus registry in
+    place of an earlier one (vLLM's /metrics and `LLM.get_metrics()` read
+    it; with several API servers vLLM reads its multiprocess files instead,
+    and these are not shown). A fresh folder, so that no engine of another
+    front end (a parent process's, say) is counted."""
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(MetricsCollector(metrics_dir()))
+    global _metrics_dir, _collector
+    _metrics_dir = tempfile.TemporaryDirectory(prefix="vllm-specextend-metrics-")
+    os.environ[METRICS_DIR_ENV] = _metrics_dir.name
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    _collector = MetricsCollector(Path(_metrics_dir.name))
+    REGISTRY.register(_collector)

@@ -28,7 +28,6 @@ def register() -> None:
     _registered = True
     import vllm
 
-    from vllm_specextend.metrics import register_metrics
     from vllm_specextend.vllm_glue.engine_config import refusing_patch
     from vllm_specextend.vllm_glue.patching import applied_patches, apply_patches, missing
 
@@ -53,6 +52,5 @@ def register() -> None:
             apply_patches([guard])
         return
     apply_patches(PATCHES)
-    register_metrics()
     logger.info("vllm-specextend plugin loaded in pid %d (%d patches)", os.getpid(),
                 len(applied_patches()))

@@ -24,6 +24,7 @@ from vllm_specextend.config import (
     WorkingCacheGeometry,
     split_speculative_config,
 )
+from vllm_specextend.metrics import register_metrics
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
 
@@ -319,6 +320,7 @@ def wrap_create_engine_config(original):
         vllm_config = original(self, *args, **kwargs)
         settings = _resolve_adaptive(settings, vllm_config)
         check_engine_fit(settings, vllm_config)
+        register_metrics()
         log_settings("front end", vllm_config)
         logger.info(
             "SpecExtend: %s; %s.",
