@@ -10,7 +10,8 @@ import pytest
 
 from conftest import MIXED_PROMPT_LENGTHS, run_engine
 from vllm_specextend import SpecExtendConfigError
-from vllm_specextend.models.eagle3 import build_random_eagle3_head
+from vllm_specextend.models.eagle3 import (build_random_eagle3_head,
+                                           save_in_speculators_format)
 from vllm_specextend.models.tiny import build_tiny_qwen2_target, build_tiny_target
 
 HEAD_WINDOW = 2048
@@ -165,3 +166,56 @@ def test_head_without_eagle_config_on_a_shallow_target_is_refused(tiny_pair, lla
                        match=r"speculative_config\.model: .*eagle_aux_hidden_state_layer_ids"
                              r".*4-layer target, \(2, 2, 1\), is 2 distinct layers"):
         start(tiny_pair.target, head)
+
+
+@pytest.fixture(scope="module")
+def speculators_head(tiny_pair, llama_head, tmp_path_factory):
+    return save_in_speculators_format(llama_head, tmp_path_factory.mktemp("speculators"),
+                                      verifier=tiny_pair.target)
+
+
+@pytest.mark.parametrize("served", [False, True], ids=["as_draft", "as_model"])
+def test_speculators_head_serves(tiny_pair, speculators_head, mixed_prompts, served,
+                                 tmp_path):
+    """A head in the speculators format, named as the draft or served as the
+    model (vLLM then serves its verifier): greedy output equal to the
+    target's alone, working caches filled at the window in its layer config."""
+    prompts = [mixed_prompts[0], mixed_prompts[3]]  # 100 and 2,500 tokens
+    job = {"model": tiny_pair.target, "prompts": prompts, "max_tokens": 8}
+    target_only, _ = run_engine(job, tmp_path / "target_only")
+    if served:
+        job.update(model=speculators_head, speculative_config={"method": "specextend"})
+    else:
+        job["speculative_config"] = {"method": "specextend", "model": speculators_head,
+                                     "num_speculative_tokens": 3}
+    specextend, log = run_engine(job, tmp_path / "specextend")
+    assert specextend["token_ids"] == target_only["token_ids"]
+    assert specextend["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
+    assert "chain drafts from an eagle3 head" in log
+    assert f"resolved: draft_window={HEAD_WINDOW}" in log
+    assert "first working caches filled" in log
+
+
+def test_speculators_checkpoint_of_another_kind_is_refused(tiny_pair, speculators_head,
+                                                           tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "dflash"
+    shutil.copytree(speculators_head, other)
+    config = json.loads((other / "config.json").read_text())
+    config["speculators_model_type"] = "dflash"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.model: .* speculators-format 'dflash'"):
+        start(tiny_pair.target, str(other))
+
+
+def test_served_speculators_head_with_another_draft_method(speculators_head):
+    from vllm import LLM
+
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.draft_method=draft_model: .*"
+                             r"speculators-format eagle3 head"):
+        LLM(model=speculators_head, max_model_len=4096, gpu_memory_utilization=0.1,
+            speculative_config={"method": "specextend", "draft_method": "draft_model"})

@@ -112,3 +112,42 @@ def build_random_eagle3_head(target_dir: str, folder: Path, max_position_embeddi
     tensors["lm_head.weight"] = target["lm_head.weight"].float()
     save_eagle3_head(folder, config, tensors)
     return str(folder)
+
+
+# The EAGLE-3 fields a speculators-format checkpoint keeps beside its
+# `transformer_layer_config` (vLLM's speculators reader copies them in).
+SPECULATORS_EAGLE3_FIELDS = ("draft_vocab_size", "target_hidden_size",
+                             "eagle_aux_hidden_state_layer_ids")
+
+
+def save_in_speculators_format(head: str, folder: Path, verifier: str,
+                               speculative_tokens: int = 3) -> str:
+    """The same head as the `speculators` library saves it (and vLLM reads):
+    the layer's config under `transformer_layer_config`, the EAGLE-3 fields
+    and the verifier (target) beside it, weights named `layers.0.*`."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(head) / "config.json").read_text())
+    layer = {key: value for key, value in config.items()
+             if key not in ("eagle_config", "architectures", *SPECULATORS_EAGLE3_FIELDS)}
+    speculators = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy",
+                                  "speculative_tokens": speculative_tokens}],
+            "verifier": {"name_or_path": verifier,
+                         "architectures": ["LlamaForCausalLM"]},
+        },
+        "transformer_layer_config": layer,
+        "norm_before_residual": False,
+        "eagle_aux_hidden_state_layer_ids":
+            config["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+        **{key: config[key] for key in SPECULATORS_EAGLE3_FIELDS[:2]},
+    }
+    tensors = {name.replace("midlayer.", "layers.0."): tensor for name, tensor in
+               load_file(str(Path(head) / "model.safetensors")).items()}
+    save_eagle3_head(folder, speculators, tensors)
+    return str(folder)

@@ -25,6 +25,7 @@ from vllm_specextend.config import (
     split_speculative_config,
 )
 from vllm_specextend.metrics import register_metrics
+from vllm_specextend.models.eagle3 import SPECULATORS_EAGLE3_FIELDS
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
 
@@ -37,19 +38,43 @@ def _requested_method(engine_args: Any) -> str | None:
     return spec.get("method", engine_args.spec_method)
 
 
-def draft_config_file(model: str | None) -> dict:
-    """The draft's config.json when it is a local folder, else {}."""
+def draft_config_file(model: str | None, field: str = "speculative_config.model") -> dict:
+    """The draft's config.json when it is a local folder, else {}. A head in
+    the speculators format reads as vLLM reads it: its layer's config with
+    the EAGLE-3 fields beside it."""
     config_file = Path(model or "") / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "speculators_config" not in config:
+        return config
+    kind = config.get("speculators_model_type")
+    if kind != "eagle3":
+        raise SpecExtendConfigError(
+            f"{field}: {model} is a speculators-format {kind!r} checkpoint; SpecExtend "
+            f"drafts with draft models and EAGLE-3 heads (speculators_model_type 'eagle3')")
+    return {**config.get("transformer_layer_config", {}),
+            "architectures": config.get("architectures") or ["Eagle3Speculator"],
+            **{key: config[key] for key in SPECULATORS_EAGLE3_FIELDS
+               if config.get(key) is not None}}
 
 
-def detected_draft_method(model: str | None) -> str:
+def detected_draft_method(model: str | None, field: str = "speculative_config.model") -> str:
     """eagle3 / eagle for an EAGLE head's architecture, else draft_model."""
-    for architecture in draft_config_file(model).get("architectures") or []:
+    for architecture in draft_config_file(model, field).get("architectures") or []:
         for marker, method in EAGLE_ARCHITECTURES.items():
             if marker in architecture:
                 return method
     return "draft_model"
+
+
+def _served_speculator(engine_args: Any) -> str | None:
+    """The model served when it is a speculators-format head: vLLM then
+    serves the head's verifier and drafts with the head (locking the method
+    to the head's), whatever the speculative config names."""
+    config_file = Path(engine_args.model or "") / "config.json"
+    if not config_file.is_file():
+        return None
+    return engine_args.model if "speculators_config" in json.loads(
+        config_file.read_text()) else None
 
 
 def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
@@ -61,9 +86,19 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
     settings, rest = split_speculative_config(
         engine_args.speculative_config or {}, vllm_fields
     )
-    if settings.draft_method is None:
-        settings = settings.model_copy(
-            update={"draft_method": detected_draft_method(rest.get("model"))})
+    speculator = _served_speculator(engine_args)
+    if speculator is not None:
+        head_method = detected_draft_method(speculator, field="model")
+        if settings.draft_method not in (None, head_method):
+            raise SpecExtendConfigError(
+                f"speculative_config.draft_method={settings.draft_method}: the model "
+                f"{speculator} is a speculators-format {head_method} head, which vLLM "
+                f"drafts with; leave draft_method out or set it to {head_method}")
+        settings = settings.model_copy(update={"draft_method": head_method})
+    else:
+        detected = detected_draft_method(rest.get("model"))  # refuses heads we cannot run
+        if settings.draft_method is None:
+            settings = settings.model_copy(update={"draft_method": detected})
     if engine_args.spec_method == METHOD_NAME:
         engine_args.spec_method = settings.draft_method
     else:
