@@ -11,12 +11,16 @@ clients hanging up after two chunks; a KV cache of a few blocks, so that
 requests are preempted; chunked prefill. Afterwards a target-only server with
 the same settings replays the greedy requests that were not aborted.
 
+Afterwards the same load runs on a target-only server (and, with
+`--stock-draft-model`, on stock `draft_model`), for the greedy reference and
+for the worker's memory growth under the same load.
+
 Checks (exit 1 if any fails): every request not aborted by its client
 completed with all its tokens; greedy ids equal target-only; /health never
 failed; the plugin holds no per-request state once all requests are done
 (the dev server's /collective_rpc "specextend_state"); preemptions, prefix
-cache hits and speculation all happened. Writes JSON with the counts and the
-worker's memory before and after.
+cache hits and speculation all happened. Writes JSON with the counts and
+each server's worker memory before and after.
 """
 
 from __future__ import annotations
@@ -164,6 +168,34 @@ class HealthWatch:
                 self.failures.append(str(status))
 
 
+@dataclass
+class ServerRun:
+    outcomes: list[Outcome]
+    state_before: dict
+    state_after: dict
+    totals: dict
+    health: "HealthWatch"
+    load_seconds: float
+
+    @property
+    def rss_growth_mib(self) -> float:
+        return (self.state_after["rss_bytes"] - self.state_before["rss_bytes"]) / 2**20
+
+
+def soak_server(model: str, args: list[str], log_path: Path, soak_requests: list[SoakRequest],
+                concurrency: int) -> ServerRun:
+    """The load on one server (dev mode, for the worker's state RPC)."""
+    print(f"load on {log_path.name}", flush=True)
+    with openai_server(model, args, log_path, VLLM_SERVER_DEV_MODE="1") as base:
+        state_before = plugin_state(base)
+        started = time.monotonic()
+        with HealthWatch(base) as health:
+            outcomes = run_load(base, model, soak_requests, concurrency)
+        load_seconds = round(time.monotonic() - started, 1)
+        return ServerRun(outcomes, state_before, plugin_state(base), counters(base), health,
+                         load_seconds)
+
+
 def plugin_state(base: str, settle_s: float = 120.0) -> dict:
     """The worker's `specextend_state` once vLLM holds no request (aborted
     streams are released asynchronously)."""
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                              "one longest request needs, to force preemption")
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stock-draft-model", action="store_true",
+                        help="also run the load on stock draft_model, for its memory growth")
     parser.add_argument("--output", type=Path,
                         default=BENCHMARKS / "results" / "soak_tiny_cpu.json")
     parser.add_argument("--log-dir", type=Path,
@@ -218,26 +252,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server logs: {logs}.*.log", flush=True)
     print(f"{len(soak_requests)} requests, {args.concurrency} at a time", flush=True)
 
-    with openai_server(pair.target,
-                       [*base_args, "--speculative-config", json.dumps(speculative_config)],
-                       Path(f"{logs}.specextend.log"), VLLM_SERVER_DEV_MODE="1") as base:
-        state_before = plugin_state(base)
-        started = time.monotonic()
-        with HealthWatch(base) as health:
-            outcomes = run_load(base, pair.target, soak_requests, args.concurrency)
-        load_s = time.monotonic() - started
-        state_after = plugin_state(base)
-        totals = counters(base)
-
-    replayed = [request for request, outcome in zip(soak_requests, outcomes)
-                if request.greedy and outcome.status == "completed"]
-    with openai_server(pair.target, base_args, Path(f"{logs}.target_only.log")) as base:
-        reference = run_load(base, pair.target,
-                             [SoakRequest(r.index, r.prompt, r.max_tokens, True, False, None)
-                              for r in replayed], args.concurrency)
-    outcome_of = dict(zip((r.index for r in soak_requests), outcomes))
-    greedy_mismatches = [r.index for r, ref in zip(replayed, reference)
-                         if outcome_of[r.index].token_ids != ref.token_ids]
+    runs = {"specextend": soak_server(
+        pair.target, [*base_args, "--speculative-config", json.dumps(speculative_config)],
+        Path(f"{logs}.specextend.log"), soak_requests, args.concurrency)}
+    if args.stock_draft_model:
+        stock_config = {"method": "draft_model", "model": pair.draft,
+                        "num_speculative_tokens": args.num_speculative_tokens}
+        runs["draft_model"] = soak_server(
+            pair.target, [*base_args, "--speculative-config", json.dumps(stock_config)],
+            Path(f"{logs}.draft_model.log"), soak_requests, args.concurrency)
+    runs["target_only"] = soak_server(pair.target, base_args, Path(f"{logs}.target_only.log"),
+                                      soak_requests, args.concurrency)
+    ours = runs["specextend"]
+    outcomes, state_after, totals, health = ours.outcomes, ours.state_after, ours.totals, ours.health
+    # Greedy requests that completed under both servers (a client that hangs
+    # up does so after the same chunk under each).
+    reference = runs["target_only"].outcomes
+    replayed = [request for request, outcome, expected in zip(soak_requests, outcomes, reference)
+                if request.greedy and outcome.status == expected.status == "completed"]
+    greedy_mismatches = [r.index for r in replayed
+                         if outcomes[r.index].token_ids != reference[r.index].token_ids]
 
     statuses = [outcome.status for outcome in outcomes]
     failures = [{"index": i, "detail": o.detail} for i, o in enumerate(outcomes)
@@ -279,17 +313,22 @@ def main(argv: list[str] | None = None) -> int:
         "prefix_cache_hits_tokens": totals.get("vllm:prefix_cache_hits_total", 0),
         "mean_accepted_length": (1 + totals.get("vllm:spec_decode_num_accepted_tokens_total", 0)
                                  / drafts) if drafts else None,
-        "plugin_state_before": state_before,
+        "plugin_state_before": ours.state_before,
         "plugin_state_after": state_after,
-        "worker_rss_growth_mib": (state_after["rss_bytes"] - state_before["rss_bytes"]) / 2**20,
-        "load_seconds": round(load_s, 1),
+        "worker_rss_growth_mib": ours.rss_growth_mib,
+        "load_seconds": ours.load_seconds,
+        "memory_by_server": {name: {"worker_rss_before_mib": run.state_before["rss_bytes"] / 2**20,
+                                    "worker_rss_after_mib": run.state_after["rss_bytes"] / 2**20,
+                                    "worker_rss_growth_mib": run.rss_growth_mib,
+                                    "load_seconds": run.load_seconds}
+                             for name, run in runs.items()},
         "checks": checks,
     }
     args.output.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({key: report[key] for key in
                       ("completed", "aborted_by_client", "greedy_compared", "preemptions",
                        "prefix_cache_hits_tokens", "mean_accepted_length",
-                       "worker_rss_growth_mib", "load_seconds", "checks")}, indent=1))
+                       "memory_by_server", "checks")}, indent=1))
     return 0 if all(checks.values()) else 1
 
 

@@ -69,9 +69,9 @@ def add_worker_state(_absent):
         runner = getattr(self, "model_runner", None)
         drafting = _drafting_of(runner)
         state = {"specextend": drafting is not None,
-                 "rss_bytes": psutil.Process().memory_info().rss}
+                 "rss_bytes": psutil.Process().memory_info().rss,
+                 "vllm_requests": len(runner.requests) if runner is not None else 0}
         if drafting is not None:
-            state["vllm_requests"] = len(runner.requests)
             state.update(drafting.request_state())
         return state
 
