@@ -3,6 +3,7 @@ once, and keep them where later hooks find them."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 from vllm_specextend.vllm_glue.engine_config import log_settings
@@ -70,9 +71,30 @@ def add_worker_state(_absent):
         drafting = _drafting_of(runner)
         state = {"specextend": drafting is not None,
                  "rss_bytes": psutil.Process().memory_info().rss,
-                 "vllm_requests": len(runner.requests) if runner is not None else 0}
+                 "vllm_requests": len(runner.requests) if runner is not None else 0,
+                 **malloc_totals()}
         if drafting is not None:
             state.update(drafting.request_state())
         return state
 
     return specextend_state
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_totals() -> dict:
+    """glibc's heap, all arenas: bytes in use (tensors, Python objects, ...)
+    and bytes freed but kept by the allocator, which RSS counts alike; {}
+    where glibc's mallinfo2 is missing."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"malloc_in_use_bytes": info.uordblks + info.hblkhd,
+            "malloc_free_held_bytes": info.fordblks}
