@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ ENGINE_TIMEOUT_S = 900
 @pytest.fixture(scope="session")
 def tiny_pair():
     return build_tiny_pair()
+
+
+@pytest.fixture(scope="session")
+def short_window_self_draft(tiny_pair, tmp_path_factory):
+    """A draft with the target's own weights and the draft's 2,048 positions."""
+    folder = tmp_path_factory.mktemp("self_draft")
+    shutil.copytree(tiny_pair.target, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = DRAFT_MAX_POSITIONS
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -4,26 +4,10 @@ longer than that; with specextend the draft attends over a working cache at
 compact positions, so a 5,000-token request accepts drafted tokens and stays
 lossless."""
 
-import json
-import shutil
-
-import pytest
-
 from conftest import run_engine
 
 PROMPT_LEN = 5000
 MAX_NEW_TOKENS = 24
-DRAFT_POSITIONS = 2048
-
-
-@pytest.fixture(scope="module")
-def short_window_self_draft(tiny_pair, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("self_draft")
-    shutil.copytree(tiny_pair.target, folder, dirs_exist_ok=True)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = DRAFT_POSITIONS
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
 
 
 def test_long_request_accepts_and_is_lossless(tiny_pair, short_window_self_draft, mixed_prompts,
