@@ -182,14 +182,16 @@ class ServerRun:
         return (self.state_after["rss_bytes"] - self.state_before["rss_bytes"]) / 2**20
 
     def memory(self) -> dict:
-        """The worker's resident memory and glibc's heap (in use, and freed
-        but kept), MiB, before and after the load."""
-        return {f"{key.removesuffix('_bytes')}_{when}_mib": state[key] / 2**20
-                for key in ("rss_bytes", "malloc_in_use_bytes", "malloc_free_held_bytes")
-                for when, state in (("before", self.state_before), ("after", self.state_after))
-                if key in state} | {"rss_growth_mib": self.rss_growth_mib,
-                                    "load_seconds": self.load_seconds,
-                                    "preemptions": self.totals.get("vllm:num_preemptions_total")}
+        """The worker's resident memory, glibc's heap (in use, and freed but
+        kept; MiB) and Python's allocated blocks, before and after the load."""
+        report = {"rss_growth_mib": self.rss_growth_mib, "load_seconds": self.load_seconds,
+                  "preemptions": self.totals.get("vllm:num_preemptions_total")}
+        for when, state in (("before", self.state_before), ("after", self.state_after)):
+            for key in ("rss_bytes", "malloc_in_use_bytes", "malloc_free_held_bytes"):
+                if key in state:
+                    report[f"{key.removesuffix('_bytes')}_{when}_mib"] = state[key] / 2**20
+            report[f"python_allocated_blocks_{when}"] = state.get("python_allocated_blocks")
+        return report
 
 
 def soak_server(model: str, args: list[str], log_path: Path, soak_requests: list[SoakRequest],

@@ -124,3 +124,63 @@ def test_mismatch_against_ar_is_flagged(tmp_path, capsys, dtype, counted):
     assert "OUTPUT MISMATCH vs ar: draft_model" in printed
     assert "specextend" not in printed
     assert ("this is a bug" in printed) == (dtype == "float32")
+
+
+def _required_closure(distribution: str, extras: set[str]) -> set[str]:
+    """`distribution` with `extras` and everything it requires, transitively
+    (normalized names; the dependencies' own extras left out)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [(distribution, extras)]
+    while todo:
+        name, wanted = todo.pop()
+        if canonicalize_name(name) in seen:
+            continue
+        seen.add(canonicalize_name(name))
+        try:
+            requirements = requires(name) or []
+        except PackageNotFoundError:
+            continue  # a platform's optional dependency not installed here
+        for requirement in map(Requirement, requirements):
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in wanted | {""}):
+                todo.append((requirement.name, set()))
+    return seen
+
+
+def test_benchmarks_import_only_what_their_install_brings():
+    """Every module a benchmark the README names imports (at the top or in a
+    function, as matplotlib is for plots) is the standard library's, ours,
+    a benchmark's, or comes with the README's install for them, `scripts/
+    install.sh bench models` (the cpu extra, bench and models)."""
+    import ast
+    import re
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).parents[1]
+    scripts = sorted(set(re.findall(r"benchmarks/(\w+)\.py", (root / "README.md").read_text())))
+    local = {path.stem for path in (root / "benchmarks").glob("*.py")} | {"vllm_specextend"}
+    installed = _required_closure("vllm-specextend", {"cpu", "bench", "models"})
+    providers = packages_distributions()
+    missing = {}
+    for script in scripts:
+        tree = ast.parse((root / "benchmarks" / f"{script}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for top in {module.split(".")[0] for module in modules}:
+                if top in sys.stdlib_module_names or top in local:
+                    continue
+                if not {canonicalize_name(d) for d in providers.get(top, [])} & installed:
+                    missing.setdefault(script, set()).add(top)
+    assert len(scripts) >= 8 and not missing, missing

@@ -147,14 +147,21 @@ def test_head_without_eagle_config_serves(mixed_prompts, tmp_path):
     target = build_tiny_target(8)
     head = without_eagle_config(build_random_eagle3_head(target, tmp_path / "head",
                                                          HEAD_WINDOW), tmp_path / "bare")
-    job = {"model": target, "prompts": mixed_prompts[:2], "max_tokens": 8}
+    serves_as_the_target_alone(
+        {"model": target, "prompts": mixed_prompts[:2], "max_tokens": 8},
+        {"speculative_config": {"method": "specextend", "model": head,
+                                "num_speculative_tokens": 3}}, tmp_path)
+
+
+def serves_as_the_target_alone(job: dict, specextend: dict, tmp_path) -> str:
+    """`job` target-only and with `specextend` (job fields) over it: greedy
+    ids equal, drafts proposed by the head; the second engine's log."""
     target_only, _ = run_engine(job, tmp_path / "target_only")
-    job["speculative_config"] = {"method": "specextend", "model": head,
-                                 "num_speculative_tokens": 3}
-    specextend, log = run_engine(job, tmp_path / "specextend")
-    assert specextend["token_ids"] == target_only["token_ids"]
-    assert specextend["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
+    result, log = run_engine({**job, **specextend}, tmp_path / "specextend")
+    assert result["token_ids"] == target_only["token_ids"]
+    assert result["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
     assert "chain drafts from an eagle3 head" in log
+    return log
 
 
 def test_head_without_eagle_config_on_a_shallow_target_is_refused(tiny_pair, llama_head,
@@ -180,18 +187,12 @@ def test_speculators_head_serves(tiny_pair, speculators_head, mixed_prompts, ser
     """A head in the speculators format, named as the draft or served as the
     model (vLLM then serves its verifier): greedy output equal to the
     target's alone, working caches filled at the window in its layer config."""
-    prompts = [mixed_prompts[0], mixed_prompts[3]]  # 100 and 2,500 tokens
-    job = {"model": tiny_pair.target, "prompts": prompts, "max_tokens": 8}
-    target_only, _ = run_engine(job, tmp_path / "target_only")
-    if served:
-        job.update(model=speculators_head, speculative_config={"method": "specextend"})
-    else:
-        job["speculative_config"] = {"method": "specextend", "model": speculators_head,
-                                     "num_speculative_tokens": 3}
-    specextend, log = run_engine(job, tmp_path / "specextend")
-    assert specextend["token_ids"] == target_only["token_ids"]
-    assert specextend["spec_decode"]["vllm:spec_decode_num_drafts"] > 0
-    assert "chain drafts from an eagle3 head" in log
+    job = {"model": tiny_pair.target, "max_tokens": 8,
+           "prompts": [mixed_prompts[0], mixed_prompts[3]]}  # 100 and 2,500 tokens
+    head_served = {"model": speculators_head, "speculative_config": {"method": "specextend"}}
+    head_as_draft = {"speculative_config": {"method": "specextend", "model": speculators_head,
+                                            "num_speculative_tokens": 3}}
+    log = serves_as_the_target_alone(job, head_served if served else head_as_draft, tmp_path)
     assert f"resolved: draft_window={HEAD_WINDOW}" in log
     assert "first working caches filled" in log
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 from vllm_specextend.vllm_glue.engine_config import log_settings
 from vllm_specextend.vllm_glue.patching import replace_on_instance
@@ -72,6 +73,7 @@ def add_worker_state(_absent):
         state = {"specextend": drafting is not None,
                  "rss_bytes": psutil.Process().memory_info().rss,
                  "vllm_requests": len(runner.requests) if runner is not None else 0,
+                 "python_allocated_blocks": sys.getallocatedblocks(),
                  **malloc_totals()}
         if drafting is not None:
             state.update(drafting.request_state())
