@@ -17,6 +17,10 @@ each sample, so that a slow spell of the machine falls on all of them):
   specextend[k=v,...]   an ablation: any SpecExtend setting, e.g.
                         retrieval=false, top_k_chunks=16, refresh_every=8;
                         tree=true drafts trees of tree_nodes nodes (-k unused)
+With --window-tokens N (long outputs: prompts whose answers run long, e.g.
+benchmarks/data/long_output/code_tasks.jsonl, and --max-new-tokens 4096)
+each sample also records vLLM's drafts and accepted tokens per N tokens of
+output, for acceptance against output position (the plot's third panel).
 Every finished sample is appended to the results file at once (an
 interrupted run keeps what it measured; --resume skips what is there).
 Greedy outputs are compared with `ar` on the same sample; a mismatch is a
@@ -125,7 +129,10 @@ def run_method(job: dict) -> None:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
         before, policy_before = spec_decode_counters(llm), policy_counters(llm)
-        [output] = llm.generate([text], params, use_tqdm=False)
+        if job["window_tokens"]:
+            output, windows = generate_by_windows(llm, text, params, job["window_tokens"])
+        else:
+            [output], windows = llm.generate([text], params, use_tqdm=False), None
         after, policy_after = spec_decode_counters(llm), policy_counters(llm)
         stats = output.metrics
         prefill_s = stats.first_token_ts - stats.scheduled_ts
@@ -141,11 +148,34 @@ def run_method(job: dict) -> None:
             "mean_accepted_length": mean_accepted_length(delta),
             "acceptance_rate": acceptance_rate(delta),
             "policy": policy_summary(policy_before, policy_after),
+            "output_windows": windows,
             "token_ids": generated,
         }
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps({k: v for k, v in record.items() if k != "token_ids"}), flush=True)
+
+
+def generate_by_windows(llm, prompt: str, params, window_tokens: int) -> tuple:
+    """One request stepped through the engine, with vLLM's spec-decode
+    counters read each time its output passes a multiple of `window_tokens`:
+    its final output and, per window, the output tokens at its end, the
+    drafting steps and the accepted drafts in it."""
+    from vllm_specextend.metrics import spec_decode_counters
+
+    engine = llm.llm_engine
+    engine.add_request("long_output", prompt, params)
+    marks, output = [{**spec_decode_counters(llm), "output_tokens": 0}], None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            pass
+        produced = len(output.outputs[0].token_ids) if output is not None else 0
+        if produced >= len(marks) * window_tokens or not engine.has_unfinished_requests():
+            marks.append({**spec_decode_counters(llm), "output_tokens": produced})
+    drafts, accepted = "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens"
+    return output, [{"output_tokens": end["output_tokens"], "drafts": end[drafts] - start[drafts],
+                     "accepted": end[accepted] - start[accepted]}
+                    for start, end in zip(marks, marks[1:])]
 
 
 def policy_counters(llm) -> dict:
@@ -220,6 +250,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=4,
                         help="one request runs at a time; this bounds what engines "
                              "reserve per sequence (SpecExtend's working caches)")
+    parser.add_argument("--window-tokens", type=int,
+                        help="long outputs: drafts and accepted tokens per this many "
+                             "output tokens")
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="skip torch.compile (minutes per engine on small CPUs); "
@@ -259,6 +292,7 @@ def main() -> None:
         header = {"kind": "header", "machine": machine(), "target": target, "draft": draft,
                   "k": args.num_speculative_tokens, "dtype": args.dtype,
                   "max_new_tokens": args.max_new_tokens, "prefix_caching": False,
+                  "window_tokens": args.window_tokens,
                   "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs,
                   "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                   "enforce_eager": args.enforce_eager,
@@ -280,7 +314,7 @@ def main() -> None:
                                                         args.num_speculative_tokens),
                "max_model_len": args.max_model_len, "dtype": args.dtype,
                "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
-               "max_num_seqs": args.max_num_seqs,
+               "max_num_seqs": args.max_num_seqs, "window_tokens": args.window_tokens,
                "chat_template": not args.no_chat_template,
                "enforce_eager": args.enforce_eager}
         job_path = out.with_suffix(".job.json")

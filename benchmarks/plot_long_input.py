@@ -3,7 +3,9 @@
     python benchmarks/plot_long_input.py benchmarks/results/long_input_cpu.jsonl
 
 Writes NAME.png (mean accepted length and decode speed vs input length, one
-line per method) and NAME.md (a markdown table, speed also as a ratio to ar).
+line per method) and NAME.md (a markdown table, speed also as a ratio to ar);
+for a long-output run (--window-tokens) also NAME.windows.png, mean accepted
+length against output position.
 """
 
 from __future__ import annotations
@@ -164,6 +166,53 @@ def against_best_stock(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def accepted_by_window(lines: list[dict], window_tokens: int) -> dict:
+    """Long outputs (--window-tokens): per method, each output window's end
+    (tokens) and the mean accepted length over its drafting steps, all
+    samples together."""
+    totals = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in lines:
+        if r["kind"] == "sample" and r.get("output_windows"):
+            for index, window in enumerate(r["output_windows"]):
+                end = min((index + 1) * window_tokens, window["output_tokens"])
+                totals[r["method"]][end][0] += window["drafts"]
+                totals[r["method"]][end][1] += window["accepted"]
+    return {method: {end: 1 + accepted / drafts if drafts else None
+                     for end, (drafts, accepted) in sorted(windows.items())}
+            for method, windows in totals.items()}
+
+
+def windows_table(by_window: dict) -> str:
+    ends = sorted({end for windows in by_window.values() for end in windows})
+    out = ["", "Mean accepted length by output position (tokens of output at the window's "
+           "end; '-': no drafting step in it):", "",
+           "| method | " + " | ".join(f"{end:,}" for end in ends) + " |",
+           "|---" * (1 + len(ends)) + "|"]
+    for method, windows in by_window.items():
+        cells = ["-" if windows.get(end) is None else f"{windows[end]:.2f}" for end in ends]
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_windows(header: dict, by_window: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for index, (method, windows) in enumerate(by_window.items()):
+        points = [(end, value) for end, value in windows.items() if value is not None]
+        ax.plot(*zip(*points), marker="o", label=method, color=f"C{index}")
+    ax.set(xlabel="output tokens (window end)", ylabel="mean accepted length (tokens/step)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{Path(header['target']).parent.name} - {header['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def dataset_of(row: dict) -> str:
     return row["input"].split("_")[0]
 
@@ -212,6 +261,11 @@ def main() -> None:
     text += against_best_stock(lines)
     if header.get("interleaved"):
         text += prefill_pairs(lines)
+    by_window = (accepted_by_window(lines, header["window_tokens"])
+                 if header.get("window_tokens") else {})
+    if by_window:
+        text += windows_table(by_window)
+        plot_windows(header, by_window, path.with_suffix(".windows.png"))
     path.with_suffix(".md").write_text(text)
     plot(header, rows, path.with_suffix(".png"))
     print(text)

@@ -38,6 +38,27 @@ def test_long_input_smoke_and_plot(tmp_path):
     assert out.with_suffix(".md").read_text().count(" | 2/2 |") == 1  # outputs equal ar's
 
 
+def test_long_output_windows_smoke(tmp_path):
+    """--window-tokens steps the engine and counts drafts and accepted
+    tokens per window of output: together they are the sample's totals."""
+    out = tmp_path / "long_output.jsonl"
+    run("long_input.py", "--pair", "tiny", "--inputs",
+        BENCHMARKS / "data/long_output/code_tasks.jsonl", "--samples", 1,
+        "--max-new-tokens", 40, "--window-tokens", 16, "--methods", "ar", "specextend",
+        "--enforce-eager", "--out", out)
+    ar, specextend = sorted(samples(out), key=lambda r: r["method"])
+    assert specextend["token_ids"] == ar["token_ids"]
+    windows = specextend["output_windows"]
+    assert len(windows) == 3
+    assert all(w["output_tokens"] >= end for w, end in zip(windows, (16, 32, 40)))
+    drafts, accepted = (sum(w[key] for w in windows) for key in ("drafts", "accepted"))
+    assert drafts > 0 and 1 + accepted / drafts == specextend["mean_accepted_length"]
+    run("plot_long_input.py", out)
+    assert out.with_suffix(".windows.png").stat().st_size > 0
+    assert "| specextend | " in out.with_suffix(".md").read_text().split(
+        "by output position")[1]
+
+
 def test_needle_smoke(tmp_path):
     out = tmp_path / "needle"
     run("needle.py", "--pair", "tiny", "--haystack", HAYSTACK, "--samples", 2,
