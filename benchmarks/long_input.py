@@ -20,7 +20,8 @@ each sample, so that a slow spell of the machine falls on all of them):
 With --window-tokens N (long outputs: prompts whose answers run long, e.g.
 benchmarks/data/long_output/code_tasks.jsonl, and --max-new-tokens 4096)
 each sample also records vLLM's drafts and accepted tokens per N tokens of
-output, for acceptance against output position (the plot's third panel).
+output, for acceptance against output position (plot_long_input.py:
+NAME.windows.png).
 Every finished sample is appended to the results file at once (an
 interrupted run keeps what it measured; --resume skips what is there).
 Greedy outputs are compared with `ar` on the same sample; a mismatch is a

@@ -8,10 +8,7 @@ prompts from GovReport text (benchmarks/data), short, medium and past the
 draft's positions, half of them behind one of a few shared prefixes (prefix
 caching on); greedy and sampled; streamed and not, with some streaming
 clients hanging up after two chunks; a KV cache of a few blocks, so that
-requests are preempted; chunked prefill. Afterwards a target-only server with
-the same settings replays the greedy requests that were not aborted.
-
-Afterwards the same load runs on a target-only server (and, with
+requests are preempted; chunked prefill. Afterwards the same load runs on a target-only server (and, with
 `--stock-draft-model`, on stock `draft_model`), for the greedy reference and
 for the worker's memory growth under the same load.
 

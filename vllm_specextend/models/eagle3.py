@@ -145,7 +145,7 @@ def save_in_speculators_format(head: str, folder: Path, verifier: str,
         "norm_before_residual": False,
         "eagle_aux_hidden_state_layer_ids":
             config["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
-        **{key: config[key] for key in SPECULATORS_EAGLE3_FIELDS[:2]},
+        **{key: config[key] for key in ("draft_vocab_size", "target_hidden_size")},
     }
     tensors = {name.replace("midlayer.", "layers.0."): tensor for name, tensor in
                load_file(str(Path(head) / "model.safetensors")).items()}

@@ -38,12 +38,17 @@ def _requested_method(engine_args: Any) -> str | None:
     return spec.get("method", engine_args.spec_method)
 
 
-def draft_config_file(model: str | None, field: str = "speculative_config.model") -> dict:
-    """The draft's config.json when it is a local folder, else {}. A head in
-    the speculators format reads as vLLM reads it: its layer's config with
-    the EAGLE-3 fields beside it."""
+def _config_json(model: str | None) -> dict:
+    """A model's config.json when it is a local folder, else {}."""
     config_file = Path(model or "") / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def draft_config_file(model: str | None, field: str = "speculative_config.model") -> dict:
+    """The draft's config.json (`_config_json`). A head in the speculators
+    format reads as vLLM reads it: its layer's config with the EAGLE-3
+    fields beside it."""
+    config = _config_json(model)
     if "speculators_config" not in config:
         return config
     kind = config.get("speculators_model_type")
@@ -70,11 +75,7 @@ def _served_speculator(engine_args: Any) -> str | None:
     """The model served when it is a speculators-format head: vLLM then
     serves the head's verifier and drafts with the head (locking the method
     to the head's), whatever the speculative config names."""
-    config_file = Path(engine_args.model or "") / "config.json"
-    if not config_file.is_file():
-        return None
-    return engine_args.model if "speculators_config" in json.loads(
-        config_file.read_text()) else None
+    return engine_args.model if "speculators_config" in _config_json(engine_args.model) else None
 
 
 def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
