@@ -137,20 +137,21 @@ def test_decayed_fit_finds_slope_and_keeps_it_while_the_level_drifts():
 
 
 def simulate(policy: SpeculationPolicy, acceptance_at_step, steps: int, costs=CPU_COSTS,
-             req_ids=("a",), rng=None) -> list[list[int]]:
+             req_ids=("a",), rng=None, context_at_step=lambda step: 2000) -> list[list[int]]:
     """Drive the policy as the engine would: pick, verify (each draft accepted
     with the step's probability while the chain holds), time the step."""
     rng = rng or np.random.default_rng(0)
     history = []
     for step in range(steps):
-        picks = policy.pick(list(req_ids), np.ones(len(req_ids), dtype=bool), 4)
+        context = context_at_step(step)
+        picks = policy.pick(list(req_ids), np.ones(len(req_ids), dtype=bool), 4, context)
         accepted = np.zeros(len(req_ids), dtype=np.int64)
         for row, rate in enumerate(np.broadcast_to(acceptance_at_step(step), len(req_ids))):
             while accepted[row] < picks[row] and rng.random() < rate:
                 accepted[row] += 1
         policy.observe_step(list(req_ids), picks, accepted)
         policy.observe_cost(int(picks.max()), int(picks.sum()),
-                            costs.step_seconds(int(picks.max()), int(picks.sum())))
+                            costs.step_seconds(int(picks.max()), int(picks.sum())), context)
         history.append(picks.tolist())
     return history
 
@@ -218,7 +219,7 @@ def test_accepted_probes_come_closer_until_the_request_is_back():
 
 def test_requests_not_decoding_draft_nothing_and_a_finished_one_is_forgotten():
     policy = SpeculationPolicy(max_drafts=4, max_requests=2)
-    picks = policy.pick(["a", "b"], np.array([True, False]), 4)
+    picks = policy.pick(["a", "b"], np.array([True, False]), 4, context_tokens=300)
     assert picks[1] == 0 and picks[0] > 0
     policy.release("a")
     policy.release("b")
@@ -273,9 +274,43 @@ def test_catching_up_is_the_price_of_probing_not_of_drafting():
     makes failed probes wait longer."""
     policy = SpeculationPolicy(max_drafts=4, max_requests=4)
     simulate(policy, lambda step: 0.9, policy.warmup_rounds, costs=CPU_COSTS_SKIPPING)
-    costs, wait = policy.current_costs(), policy._affordable_wait()
+    costs = policy.current_costs()
+    wait = policy._affordable_wait(costs)
     for _ in range(20):
-        policy.observe_cost(1, 1, CPU_COSTS_SKIPPING.step_seconds(1, 1) + 0.2, caught_up=True)
+        policy.observe_cost(1, 1, CPU_COSTS_SKIPPING.step_seconds(1, 1) + 0.2, 2000,
+                            caught_up=True)
     assert policy.current_costs() == costs
     assert policy.catch_up_seconds == pytest.approx(0.2, rel=0.2)
-    assert policy._affordable_wait() > wait
+    assert policy._affordable_wait(costs) > wait
+
+
+# Where the draft reads its whole context (a 0.5B draft over an 8K prompt),
+# a draft forward costs several times what it does over 2K.
+LONG_CONTEXT_COSTS = step_costs(0.27, 0.005, 0.15, 0.02, 0.3)
+
+
+def test_costs_learned_on_long_contexts_do_not_price_short_ones():
+    """An engine that served an 8K request, where drafting does not pay,
+    measures again on a 2K one, where it does, and drafts there."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    simulate(policy, lambda step: 0.55, 60, costs=LONG_CONTEXT_COSTS, req_ids=("long",),
+             context_at_step=lambda step: 7100 + step)
+    assert policy.current_costs().step_by_round_length == pytest.approx(
+        LONG_CONTEXT_COSTS.step_by_round_length)
+    policy.release("long")
+    history = simulate(policy, lambda step: 0.9, 60, req_ids=("short",),
+                       context_at_step=lambda step: 1800 + step)
+    assert policy.counters.warmup_rounds == 2 * policy.warmup_rounds
+    # Priced at the 8K costs, one draft a round would be best.
+    picks = [row[0] for row in history[policy.warmup_rounds:]]
+    assert np.mean(picks) >= 2.5, picks
+    # Each context kept its own costs.
+    assert policy.current_costs().step_by_round_length == pytest.approx(
+        CPU_COSTS.step_by_round_length)
+
+
+def test_a_request_growing_past_an_octave_edge_keeps_its_costs():
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    history = simulate(policy, lambda step: 0.9, 80, context_at_step=lambda step: 1990 + step)
+    assert policy.counters.warmup_rounds == policy.warmup_rounds
+    assert np.mean([row[0] for row in history[policy.warmup_rounds:]]) >= 3

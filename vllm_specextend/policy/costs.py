@@ -10,6 +10,13 @@ The per-token cost comes from consecutive steps of the same round length
 that verified different numbers of drafts (batches), so the level drifting
 as contexts grow is not taken for it. A round length not measured yet
 costs what its measured neighbours say, extrapolated by their slope.
+
+Costs depend on the batch's context: the draft reads it whole where it
+fits the draft's window, and the target's attention grows with it. So
+they are kept per context octave (`CostsByContext`), each with its own
+warm-up; a context whose octave has not warmed up yet borrows the costs
+of one measured at nearly its length (a request growing past an octave's
+edge does not warm up again).
 """
 
 from __future__ import annotations
@@ -87,10 +94,15 @@ class MeasuredCosts:
         self.step_weight = np.zeros(max_drafts + 1)
         self.verify = DecayedLinearFit(decay)
         self._round_length_of_last = None
+        self.warmup_rounds_done = 0
+        self._context_sum = self._context_weight = 0.0
 
-    def observe_step(self, round_length: int, drafts: int, seconds: float) -> None:
+    def observe_step(self, round_length: int, drafts: int, seconds: float,
+                     context_tokens: int = 0) -> None:
         """One decoding step: its round length, the drafts it verified (all
-        requests), its seconds."""
+        requests), its seconds, the batch's context."""
+        self._context_sum = self._context_sum * self.decay + context_tokens
+        self._context_weight = self._context_weight * self.decay + 1.0
         if self._round_length_of_last != round_length:
             self.verify.break_run()  # only steps of one round length differ by drafts alone
         self.verify.add(drafts, seconds)
@@ -102,6 +114,14 @@ class MeasuredCosts:
     def ready(self) -> bool:
         """At least two round lengths measured: enough to extrapolate."""
         return int((self.step_weight > 0).sum()) >= 2
+
+    def warmed_up(self, warmup_rounds: int) -> bool:
+        return self.warmup_rounds_done >= warmup_rounds and self.ready()
+
+    @property
+    def context_tokens(self) -> float:
+        """The (decayed) mean context these costs were measured at."""
+        return self._context_sum / max(self._context_weight, 1e-12)
 
     def current(self) -> StepCosts:
         measured = self.step_weight > 0
@@ -127,3 +147,46 @@ class MeasuredCosts:
         steps = np.maximum.accumulate(np.maximum(steps, 0.0))
         return StepCosts(tuple(float(t) for t in steps), self.verify.slope)
 
+
+
+class CostsByContext:
+    """`MeasuredCosts` per octave of the batch's context (its requests'
+    tokens, summed). An octave measures its costs after its own warm-up;
+    until then a context borrows the costs of a warmed-up octave measured
+    within `BORROW_RATIO` of its length, and, borrowing, refines them."""
+
+    MIN_OCTAVE = 8  # contexts under 256 tokens share one octave
+    BORROW_RATIO = 1.5
+
+    def __init__(self, max_drafts: int, decay: float, warmup_rounds: int):
+        self.max_drafts = max_drafts
+        self.decay = decay
+        self.warmup_rounds = warmup_rounds
+        self.by_octave: dict[int, MeasuredCosts] = {}
+
+    def own(self, context_tokens: int) -> MeasuredCosts:
+        octave = max(int(context_tokens).bit_length() - 1, self.MIN_OCTAVE)
+        if octave not in self.by_octave:
+            self.by_octave[octave] = MeasuredCosts(self.max_drafts, self.decay)
+        return self.by_octave[octave]
+
+    def warmed_up(self, context_tokens: int) -> MeasuredCosts | None:
+        """The costs a context is priced at: its octave's once warmed up,
+        else the nearest warmed-up octave's close enough to borrow; None:
+        the context's octave warms up first."""
+        own = self.own(context_tokens)
+        if own.warmed_up(self.warmup_rounds):
+            return own
+        context = max(context_tokens, 1)
+        ratios = {abs(np.log(max(costs.context_tokens, 1.0) / context)): costs
+                  for costs in self.by_octave.values()
+                  if costs.warmed_up(self.warmup_rounds)}
+        nearest = min(ratios, default=None)
+        if nearest is None or nearest > np.log(self.BORROW_RATIO):
+            return None
+        return ratios[nearest]
+
+    def priced_at(self, context_tokens: int) -> MeasuredCosts:
+        """Where a step of this context is measured: the costs it was priced
+        at, or its own octave's while that warms up."""
+        return self.warmed_up(context_tokens) or self.own(context_tokens)

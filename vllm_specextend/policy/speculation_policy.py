@@ -2,8 +2,9 @@
 feeds with what each step verified and what it cost, and asks, before each
 drafting round, how many tokens every request drafts.
 
-- Warm-up: the first rounds cycle the round length from the maximum down
-  to 0, every request alike, so that every round length's cost is measured.
+- Warm-up: the first rounds at a context length cycle the round length
+  from the maximum down to 0, every request alike, so that every round
+  length's cost is measured there (`costs.CostsByContext`).
 - Then each round: `best_draft_lengths` over the decoding requests, from
   their acceptance by position and the measured costs.
 - A request at 0 has stepped aside: its drafts cost more than they return.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
-from vllm_specextend.policy.costs import MeasuredCosts, StepCosts
+from vllm_specextend.policy.costs import CostsByContext, MeasuredCosts, StepCosts
 from vllm_specextend.policy.draft_lengths import best_draft_lengths
 
 
@@ -71,9 +72,10 @@ class SpeculationPolicy:
                  max_probe_every: int = 32, probe_budget: float = 0.03):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
-        self.costs = MeasuredCosts(max_drafts, decay)
         self.warmup_rounds = (2 * (max_drafts + 1) if warmup_rounds is None
                               else warmup_rounds)
+        self.costs = CostsByContext(max_drafts, decay, self.warmup_rounds)
+        self.latest_costs: MeasuredCosts | None = None
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_budget = probe_budget
@@ -84,33 +86,40 @@ class SpeculationPolicy:
         self.probing: set[str] = set()
         self.counters = PolicyCounters()
 
-    def pick(self, req_ids: list[str], decoding: np.ndarray, round_cap: int) -> np.ndarray:
-        """Draft lengths for this round's requests; 0 for those not decoding
-        (a prefill chunk drafts nothing vLLM would schedule)."""
+    def pick(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
+             context_tokens: int) -> np.ndarray:
+        """Draft lengths for this round's requests (the batch's context:
+        `context_tokens`); 0 for those not decoding (a prefill chunk drafts
+        nothing vLLM would schedule)."""
         cap = min(round_cap, self.max_drafts)
         slots = self.acceptance.slots(req_ids)
-        warmup = self.counters.rounds < self.warmup_rounds or not self.costs.ready()
+        costs = self.costs.warmed_up(context_tokens)
+        warmup = costs is None
         probes = 0
         if cap == 0:
             picks = np.zeros(len(req_ids), dtype=np.int64)
         elif warmup:
-            picks = np.full(len(req_ids), cap - self.counters.rounds % (cap + 1),
+            warming = self.costs.own(context_tokens)
+            picks = np.full(len(req_ids), cap - warming.warmup_rounds_done % (cap + 1),
                             dtype=np.int64)
+            warming.warmup_rounds_done += 1
+            self.latest_costs = warming
         else:
+            self.latest_costs = costs
             picks = np.zeros(len(req_ids), dtype=np.int64)
             if decoding.any():
                 expected = expected_tokens(self.acceptance.rates(slots[decoding]))
-                picks[decoding], _ = best_draft_lengths(expected, self.costs.current(), cap)
-            picks, probes = self._probe(req_ids, picks, decoding)
+                picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap)
+            picks, probes = self._probe(req_ids, picks, decoding, costs.current())
         picks = np.where(decoding, picks, 0)
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
         return picks
 
-    def _probe(self, req_ids: list[str], picks: np.ndarray,
-               decoding: np.ndarray) -> tuple[np.ndarray, int]:
+    def _probe(self, req_ids: list[str], picks: np.ndarray, decoding: np.ndarray,
+               costs: StepCosts) -> tuple[np.ndarray, int]:
         """Requests aside long enough draft one token this round."""
         probes = 0
-        first_wait = self._affordable_wait()  # once a round, not per request
+        first_wait = self._affordable_wait(costs)  # once a round, not per request
         for row, req_id in enumerate(req_ids):
             if not decoding[row]:
                 continue
@@ -139,30 +148,33 @@ class SpeculationPolicy:
                 self.probing.discard(req_id)
                 wait = self.probe_wait.get(req_id, self.probe_every)
                 self.probe_wait[req_id] = 1 if hit else min(
-                    max(2 * wait, self._affordable_wait()), self.max_probe_every)
+                    max(2 * wait, self._affordable_wait(self.current_costs())),
+                    self.max_probe_every)
 
-    def _affordable_wait(self) -> int:
+    def _affordable_wait(self, costs: StepCosts) -> int:
         """Rounds between failed probes for them to take at most
         `probe_budget` of the time: a probe round costs S(1) - S(0) more,
         and catching the draft up."""
-        steps = self.costs.current().step_by_round_length
+        steps = costs.step_by_round_length
         extra = (max(steps[1] - steps[0], 0.0) + (self.catch_up_seconds or 0.0)) / max(
             steps[0], 1e-9)
         wait = int(np.ceil(extra / self.probe_budget))
         return int(np.clip(wait, self.probe_every, self.max_probe_every))
 
     def observe_cost(self, round_length: int, drafts: int, seconds: float,
-                     caught_up: bool = False) -> None:
-        """A drafting round of `round_length` and the target step that
-        verified its `drafts` (all requests) took `seconds`. A round that
+                     context_tokens: int, caught_up: bool = False) -> None:
+        """A drafting round of `round_length` over a batch of `context_tokens`
+        and the target step that verified its `drafts` (all requests) took
+        `seconds`. A round that
         first caught the draft up (after skipped rounds) costs more than
         drafting does round after round: what it cost beyond the measured
         round is kept apart, as the price of resuming (probes), so that it
         does not make drafting look dearer than it is."""
+        costs = self.costs.priced_at(context_tokens)
         if not caught_up:
-            self.costs.observe_step(round_length, drafts, seconds)
-        elif self.costs.ready():
-            extra = max(seconds - self.costs.current().step_seconds(round_length, drafts), 0.0)
+            costs.observe_step(round_length, drafts, seconds, context_tokens)
+        elif costs.ready():
+            extra = max(seconds - costs.current().step_seconds(round_length, drafts), 0.0)
             self.catch_up_seconds = (extra if self.catch_up_seconds is None else
                                      self.decay * self.catch_up_seconds
                                      + (1 - self.decay) * extra)
@@ -178,4 +190,7 @@ class SpeculationPolicy:
         return len(self.acceptance.slot_of)
 
     def current_costs(self) -> StepCosts:
-        return self.costs.current()
+        """The costs the latest round was priced at (or warmed up)."""
+        if self.latest_costs is None:
+            return StepCosts((0.0,) * (self.max_drafts + 1), 0.0)
+        return self.latest_costs.current()

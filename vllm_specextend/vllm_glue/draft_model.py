@@ -244,11 +244,11 @@ class SpecExtendDrafting:
         """The policy's draft length for this round (at most vLLM's)."""
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
+        context = batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
         # Done with the prompt after this step: its drafts will be verified.
-        decoding = (batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
-                    >= batch.num_prompt_tokens[:num_reqs])
+        decoding = context >= batch.num_prompt_tokens[:num_reqs]
         return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
-                                              num_speculative_tokens)
+                                              num_speculative_tokens, int(context.sum()))
 
     def plan_forward(self, proposer, cad, draft_index: int):
         """Per-layer metadata of one draft forward: vLLM's own when no row of

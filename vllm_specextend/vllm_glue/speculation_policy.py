@@ -39,6 +39,7 @@ class _TimedStep:
     round_began: object = None
     round_ended: object = None
     round_length: int = 0
+    context_tokens: int = 0  # the batch's, summed over its requests
     caught_up: bool = False  # the round first read tokens of skipped rounds
     ended: object = None
 
@@ -74,9 +75,10 @@ class PolicyHooks:
         self.step = _TimedStep(self.clock.now(), sum(self.scheduled_drafts.values()),
                                decode_only)
 
-    def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int) -> int:
+    def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
+                     context_tokens: int) -> int:
         """Pick every request's draft length; the round runs the longest."""
-        picks = self.policy.pick(req_ids, decoding, round_cap)
+        picks = self.policy.pick(req_ids, decoding, round_cap, context_tokens)
         if self.tensor_parallel:
             # Costs are timed per rank: every rank runs rank 0's picks.
             from vllm.distributed import get_tp_group
@@ -85,6 +87,7 @@ class PolicyHooks:
         self.picks = dict(zip(req_ids, picks.tolist()))
         if self.step is not None:
             self.step.round_began = self.clock.now()
+            self.step.context_tokens = context_tokens
         return int(picks.max(initial=0))
 
     def round_ended(self, round_length: int, caught_up: bool = False) -> None:
@@ -118,7 +121,8 @@ class PolicyHooks:
             previous, self.previous = self.previous, (step, round_s)
             if previous is not None and previous[0].decode_only and step.decode_only:
                 self.policy.observe_cost(previous[0].round_length, step.verified_drafts,
-                                         previous[1] + target_s, previous[0].caught_up)
+                                         previous[1] + target_s, previous[0].context_tokens,
+                                         previous[0].caught_up)
 
     def cut_to_picks(self, draft_token_ids):
         """The scheduler gets each request's drafts cut to its pick."""
