@@ -314,3 +314,20 @@ def test_a_request_growing_past_an_octave_edge_keeps_its_costs():
     history = simulate(policy, lambda step: 0.9, 80, context_at_step=lambda step: 1990 + step)
     assert policy.counters.warmup_rounds == policy.warmup_rounds
     assert np.mean([row[0] for row in history[policy.warmup_rounds:]]) >= 3
+
+
+def test_a_new_request_aside_on_the_engines_rate_probes_soon():
+    """After a request whose drafts failed, the engine's pooled rate sets the
+    next request aside before it drafted; its drafts are good, and its
+    first probe comes early enough to bring it back within a dozen rounds
+    (not after the wait failed probes earn)."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    simulate(policy, lambda step: 0.0, 80, costs=CPU_COSTS_SKIPPING, req_ids=("poor",))
+    policy.release("poor")
+    assert policy._affordable_wait(policy.current_costs()) > 12
+    history = simulate(policy, lambda step: 0.97, 30, costs=CPU_COSTS_SKIPPING,
+                       req_ids=("good",))
+    picks = [row[0] for row in history]
+    assert picks[0] == 0, picks  # aside on the pooled rate
+    back = next(step for step, pick in enumerate(picks) if pick > 1)
+    assert back <= 12, picks

@@ -14,7 +14,9 @@ drafting round, how many tokens every request drafts.
   contexts nearly a second target step) for what its acceptance returns,
   so failed probes may take at most `probe_budget` of the time: the wait
   after one is the longer of twice the last wait and what the budget
-  allows, from `probe_every` up to `max_probe_every` rounds. An accepted
+  allows, from `probe_every` up to `max_probe_every` rounds (the first
+  probe comes after `probe_every`: a request that stepped aside before it
+  drafted did so on other requests' acceptance). An accepted
   probe brings the next one to the next round, so a request whose text
   turns predictable (copying, code) comes back within a few rounds of its
   first accepted probe.
@@ -110,16 +112,18 @@ class SpeculationPolicy:
             if decoding.any():
                 expected = expected_tokens(self.acceptance.rates(slots[decoding]))
                 picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap)
-            picks, probes = self._probe(req_ids, picks, decoding, costs.current())
+            picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
         return picks
 
-    def _probe(self, req_ids: list[str], picks: np.ndarray, decoding: np.ndarray,
-               costs: StepCosts) -> tuple[np.ndarray, int]:
-        """Requests aside long enough draft one token this round."""
+    def _probe(self, req_ids: list[str], picks: np.ndarray,
+               decoding: np.ndarray) -> tuple[np.ndarray, int]:
+        """Requests aside long enough draft one token this round. A request's
+        first probe comes `probe_every` rounds after it stepped aside: until
+        it drafts, its acceptance is the engine's pooled rate, other
+        requests' text."""
         probes = 0
-        first_wait = self._affordable_wait(costs)  # once a round, not per request
         for row, req_id in enumerate(req_ids):
             if not decoding[row]:
                 continue
@@ -127,7 +131,7 @@ class SpeculationPolicy:
                 self.rounds_aside.pop(req_id, None)
                 continue
             aside = self.rounds_aside.get(req_id, 0) + 1
-            if aside >= self.probe_wait.setdefault(req_id, first_wait):
+            if aside >= self.probe_wait.setdefault(req_id, self.probe_every):
                 picks[row], aside = 1, 0
                 self.probing.add(req_id)
                 probes += 1
