@@ -82,21 +82,21 @@ def profile(job: dict) -> dict:
     times.time(GPUModelRunner, "_model_forward", "target forward")
     times.time(GPUModelRunner, "_sample", "sampler")
     times.time(LLMEngine, "step", "step")
-    from vllm_specextend.vllm_glue.draft_model import SpecExtendDrafting
-    times.time(SpecExtendDrafting, "_refresh", "refresh")
+    from vllm_specextend.vllm_glue.proposer import SpecExtendProposer
+    times.time(SpecExtendProposer, "_refresh", "refresh")
     load_model = SpecDecodeBaseProposer.load_model
 
     def load_and_time(self, *args, **kwargs):
         load_model(self, *args, **kwargs)
         times.time(self.model, "forward", "draft forwards")
+        # The runner's whole call: SpecExtend's round or vLLM's own.
+        times.time(self, "propose", "drafting round")
 
     SpecDecodeBaseProposer.load_model = load_and_time
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], dtype=job["dtype"],
               gpu_memory_utilization=0.1, enable_prefix_caching=False, enforce_eager=True,
               seed=0, max_num_seqs=4, distributed_executor_backend="uni")
-    # The proposer's propose is patched by the plugin at load: time it after.
-    times.time(SpecDecodeBaseProposer, "propose", "drafting round")
     tokenizer = llm.get_tokenizer()
     text = tokenizer.apply_chat_template([{"role": "user", "content": job["text"]}],
                                          tokenize=False, add_generation_prompt=True)

@@ -38,6 +38,15 @@ ATTRIBUTE_OWNERS = {
     "cache_config": ("vllm/config/cache.py",),
     "scheduler_output": ("vllm/v1/core/sched/output.py",),
 }
+# Glue files whose classes subclass one of those objects: their `self`.
+SUBCLASSES = {"proposer.py": "proposer"}
+# The glue's subclasses of vLLM's classes (their file, vLLM's module and
+# base class): the methods they override.
+OVERRIDDEN = {"proposer.py": ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer")}
+SUBCLASS_ROOTS = ("SpecExtendProposer",)
+# vLLM's constructors the glue calls (building its proposers).
+CONSTRUCTED = [("vllm.v1.spec_decode.draft_model", "DraftModelProposer.__init__"),
+               ("vllm.v1.spec_decode.eagle", "EagleProposer.__init__")]
 
 
 class Sources:
@@ -114,30 +123,64 @@ def imported_names(glue: dict[str, str]) -> set[tuple[str, str]]:
     return names
 
 
-def read_attributes(glue: dict[str, str]) -> set[tuple[str, str]]:
+def defines_attribute(sources: "Sources", owner: str, attribute: str) -> bool:
+    texts = [sources.read(name) or "" for name in ATTRIBUTE_OWNERS[owner]]
+    return any(re.search(rf"(self\.{attribute}\b|def {attribute}\b|^\s+{attribute}\s*:)",
+                         text, re.M) for text in texts)
+
+
+def read_attributes(glue: dict[str, str], installed: "Sources") -> set[tuple[str, str]]:
+    """Attributes the glue reads off vLLM's objects; in the glue's subclasses
+    of them (`SUBCLASSES`), `self.` attributes that the installed vLLM
+    defines. What a subclass defines and vLLM does not is the glue's own."""
     pattern = re.compile(r"\b(" + "|".join(ATTRIBUTE_OWNERS) + r")\.([A-Za-z_]\w*)\b")
-    pairs = set()
-    for source in glue.values():
+    pairs, ours = set(), set()
+    for file_name, source in glue.items():
         pairs.update(pattern.findall(source))
-    return {(owner, name) for owner, name in pairs if not name.startswith("specextend")}
+        if owner := SUBCLASSES.get(file_name):
+            pairs.update((owner, name) for name in re.findall(r"\bself\.([A-Za-z_]\w*)", source)
+                         if defines_attribute(installed, owner, name))
+            own_names = re.findall(
+                r"(?:\bself\.([A-Za-z_]\w*)\s*(?::[^=\n]*)?=[^=]|def ([A-Za-z_]\w*))", source)
+            ours.update((owner, assigned or defined) for assigned, defined in own_names)
+    return {(owner, name) for owner, name in pairs if not name.startswith("specextend")
+            and ((owner, name) not in ours or defines_attribute(installed, owner, name))}
+
+
+def overridden_methods(glue: dict[str, str]) -> list[tuple[str, str]]:
+    """(module, qualname) of vLLM's methods that the glue's subclasses
+    override (their signatures are what vLLM calls ours with) and of the
+    constructors it calls."""
+    methods = list(CONSTRUCTED)
+    for file_name, (module, base) in OVERRIDDEN.items():
+        for node in ast.walk(ast.parse(glue[file_name])):
+            if isinstance(node, ast.ClassDef) and node.name in SUBCLASS_ROOTS:
+                methods += [(module, f"{base}.{child.name}") for child in node.body
+                            if isinstance(child, ast.FunctionDef) and child.name != "__init__"]
+    return methods
 
 
 def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]:
     sys.path.insert(0, str(GLUE.parents[1]))
     from vllm_specextend.vllm_glue.registry import PATCHES
 
+    glue = glue_sources()
     problems, report = [], []
-    for patch in PATCHES:
-        mine, theirs = installed.module(patch.module), other.module(patch.module)
-        label = f"{patch.module}:{patch.qualname}"
-        if patch.adds:
-            owner = patch.qualname.rsplit(".", 1)[0]
+    targets = [(patch.module, patch.qualname, patch.adds) for patch in PATCHES]
+    for module, qualname in overridden_methods(glue):
+        if (source := installed.module(module)) and find(source, qualname) is not None:
+            targets.append((module, qualname, False))
+    for module, qualname, adds in targets:
+        mine, theirs = installed.module(module), other.module(module)
+        label = f"{module}:{qualname}"
+        if adds:
+            owner = qualname.rsplit(".", 1)[0]
             found = theirs is not None and find(theirs, owner) is not None
             report.append(f"{'ok' if found else 'MISSING':9s} {label} (added to {owner})")
             problems += [] if found else [label]
             continue
-        old = find(mine, patch.qualname) if mine else None
-        new = find(theirs, patch.qualname) if theirs else None
+        old = find(mine, qualname) if mine else None
+        new = find(theirs, qualname) if theirs else None
         if new is None:
             report.append(f"MISSING   {label}")
             problems.append(label)
@@ -150,20 +193,18 @@ def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]
         if show_changed and not same_body:
             report.extend("    " + line for line in difflib.unified_diff(
                 ast.unparse(old).splitlines(), ast.unparse(new).splitlines(), lineterm="", n=1))
-    glue = glue_sources()
     for module, name in sorted(imported_names(glue)):
         if not (defines(other, module, name) or other.module(f"{module}.{name}")):
             report.append(f"MISSING   import {name} from {module}")
             problems.append(f"{module}.{name}")
     checked = 0
-    for owner, attribute in sorted(read_attributes(glue)):
-        texts = [other.read(name) or "" for name in ATTRIBUTE_OWNERS[owner]]
-        if not any(re.search(rf"(self\.{attribute}\b|def {attribute}\b|^\s+{attribute}\s*:)",
-                             text, re.M) for text in texts):
+    for owner, attribute in sorted(read_attributes(glue, installed)):
+        if not defines_attribute(other, owner, attribute):
             report.append(f"MISSING   attribute {owner}.{attribute}")
             problems.append(f"{owner}.{attribute}")
         checked += 1
-    report.append(f"{len(PATCHES)} patch targets, {len(imported_names(glue))} imported "
+    report.append(f"{len(PATCHES)} patch targets, {len(targets) - len(PATCHES)} overridden "
+                  f"methods and constructors, {len(imported_names(glue))} imported "
                   f"names, {checked} attributes checked; {len(problems)} problems")
     print("\n".join(report))
     return problems

@@ -172,9 +172,11 @@ def _count_host_syncs(worker):
 
 
 def _host_syncs_counted(worker):
-    drafting = getattr(worker.model_runner.drafter, "specextend", None)
+    from vllm_specextend.vllm_glue.proposer import proposer_of
+
+    proposer = proposer_of(worker.model_runner)
     return {"by_site": dict(worker.specextend_host_syncs),
-            "drafting_rounds": drafting.rounds if drafting is not None else 0}
+            "drafting_rounds": proposer.rounds if proposer is not None else 0}
 
 
 def _record_attention_spans(worker):
@@ -183,7 +185,7 @@ def _record_attention_spans(worker):
     working cache, and its cache's block size."""
     from vllm import _custom_ops as ops
 
-    caches = worker.model_runner.drafter.specextend.caches
+    caches = worker.model_runner.drafter.caches
     storages = set() if caches is None else {
         t.untyped_storage().data_ptr() for t in caches.storage.values()}
     kernel = ops.cpu_attention_with_kv_cache
@@ -258,7 +260,7 @@ def _tree_reordered_buffers(worker):
 
     runner = worker.model_runner
     named = {"input_ids": runner.input_ids.gpu, "positions": runner.positions}
-    retrieval = runner.drafter.specextend.retrieval
+    retrieval = runner.drafter.retrieval
     if retrieval is not None:
         named["captured target queries"] = retrieval.capture.queries
     reordered = list(_reordered_buffers(runner))
@@ -302,13 +304,12 @@ def _draft_under_fixed_working_set(worker, probe):
     from vllm_specextend.vllm_glue.working_cache import DraftRound
 
     drafter = worker.model_runner.drafter
-    drafting = drafter.specextend
     token_ids = torch.tensor(probe["token_ids"])
     context_len = len(token_ids) - 1
     block_size = worker.vllm_config.cache_config.block_size
     num_blocks = -(-len(token_ids) // block_size)
     block_table = torch.arange(1, num_blocks + 1, dtype=torch.int32)[None]
-    storages = {t.untyped_storage().data_ptr() for t in drafting.caches.storage.values()}
+    storages = {t.untyped_storage().data_ptr() for t in drafter.caches.storage.values()}
     kernel, reads = ops.cpu_attention_with_kv_cache, []
 
     def counting_kernel(*args, **kwargs):
@@ -328,7 +329,7 @@ def _draft_under_fixed_working_set(worker, probe):
 
     def draft_forward(start, end, draft_index):
         """One draft forward as the proposer runs it (true positions and
-        slots; the plan comes from the patched metadata builder)."""
+        slots; the plan comes from SpecExtend's metadata builder)."""
         cad = metadata(start, end)
         drafter.positions[: end - start] = torch.arange(start, end)
         _, per_layer = drafter.build_per_group_and_layer_attn_metadata(cad, draft_index)
@@ -340,27 +341,26 @@ def _draft_under_fixed_working_set(worker, probe):
 
     with torch.inference_mode():  # the engine's buffers are inference tensors
         draft_forward(0, context_len, draft_index=0)  # no round: vLLM's own prefill
-        caches = drafting.caches
+        caches = drafter.caches
         geometry = caches.geometry
         kept = torch.tensor([probe["kept_chunks"]])
         context = torch.tensor([context_len])
         window_start = window_starts(context, geometry.chunk_size, geometry.recent_tokens)
         layout = working_cache_layout(kept, torch.tensor([kept.shape[1]]), window_start,
                                       context, geometry.chunk_size, geometry.capacity)
-        caches.holder = {"probe": 0}
-        drafting.round = DraftRound(caches, np.array([0]), np.array([1]), drafting.staging)
-        caches.fill(drafting.layers, drafting.reader, block_table, drafting.round.cache_ids,
-                    layout, drafting.backward)
-        drafting.round.read_offsets()
+        drafter.draft_round = DraftRound(caches, np.array([0]), np.array([1]), drafter.staging)
+        caches.fill(drafter.draft_layers, drafter.draft_reader, block_table,
+                    drafter.draft_round.cache_ids, layout, drafter.rope_backward)
+        drafter.draft_round.read_offsets()
         ops.cpu_attention_with_kv_cache = counting_kernel
         try:
             logits = draft_forward(context_len, context_len + 1, draft_index=1)
         finally:
             ops.cpu_attention_with_kv_cache = kernel
-            drafting.round = None
-        name, layer = next(iter(drafting.layers.items()))
+            drafter.draft_round = None
+        name, layer = next(iter(drafter.draft_layers.items()))
         length = int(layout.lengths[0])
-        keys, _ = drafting.reader.read(caches.cache_of(name, layer.kv_cache),
+        keys, _ = drafter.draft_reader.read(caches.cache_of(name, layer.kv_cache),
                                        torch.arange(length))
     return {"logits": logits[0].tolist(), "compact_keys": keys.tolist(),
             "working_cache_reads": sum(reads), "kernel_calls": len(reads)}

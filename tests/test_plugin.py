@@ -86,8 +86,8 @@ def test_glue_that_cannot_import_is_refused_not_crashed(tiny_pair):
 
 def test_a_missing_patch_target_is_named_and_nothing_patched(tiny_pair):
     setup = ("from vllm.v1.worker.gpu_model_runner import GPUModelRunner\n"
-             "del GPUModelRunner._input_fits_in_drafter")
+             "del GPUModelRunner.take_draft_token_ids")
     result, log = isolated(setup, tiny_pair)
-    assert "GPUModelRunner._input_fits_in_drafter" in log
+    assert "GPUModelRunner.take_draft_token_ids" in log
     assert len(result["patches"]) == 1
     assert "lacks what vllm-specextend patches" in result["refusal"]

@@ -17,6 +17,7 @@ from vllm.config import CUDAGraphMode
 from vllm.forward_context import set_forward_context
 
 from vllm_specextend.policy.stale_drafts import StaleDrafts
+from vllm_specextend.retrieval.draft_rows import concatenated_ranges, query_starts
 from vllm_specextend.vllm_glue.working_cache import HostStaging, sub_batch_metadata
 
 # A request stepped aside probes every 16 rounds at most: one catch-up reads
@@ -64,9 +65,7 @@ class DraftCatchUp:
             return False
         ends = computed[rows]
         counts = ends - firsts
-        token_rows = np.repeat(np.arange(len(rows)), counts)
-        positions = np.repeat(firsts - np.cumsum(counts) + counts, counts) + np.arange(
-            len(token_rows))
+        positions, token_rows = concatenated_ranges(firsts, counts)
         to_device = self.staging.to_device
         positions_device = to_device("positions", positions)
         block_table = metadata.block_table_tensor[to_device("rows", rows)]
@@ -74,7 +73,7 @@ class DraftCatchUp:
         slots = (block_table[token_rows_device, positions_device // self.block_size]
                  * self.block_size + positions_device % self.block_size)
         cad = sub_batch_metadata(counts, to_device("query_start_loc",
-                                                   np.concatenate(([0], np.cumsum(counts)))),
+                                                   query_starts(counts)),
                                  to_device("seq_lens", ends), block_table, slots,
                                  int(ends.max()))
         proposer = self.proposer

@@ -1,5 +1,6 @@
 """Worker processes: pick up the settings sent with the VllmConfig, log them
-once, and keep them where later hooks find them."""
+once, install SpecExtend's proposer in the runner, and hook the runner's
+step for the speculation policy (timing, accepted drafts, picks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 
 from vllm_specextend.vllm_glue.engine_config import log_settings
 from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.proposer import install_proposer, proposer_of
 from vllm_specextend.vllm_glue.sampling import ACTIVE
+from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
 
 
 def wrap_runner_init(original):
@@ -33,10 +36,11 @@ def wrap_runner_init(original):
         original(self, *args, **kwargs)
         replace_on_instance(self, "specextend_config", settings,
                             "the SpecExtend settings of this runner", adding=True)
-        if hasattr(self, "drafter"):
-            # SpecExtend's drafting reads the batch from the runner.
-            replace_on_instance(self.drafter, "specextend_runner", self,
-                                "the proposer's way back to its model runner", adding=True)
+        if hasattr(self, "drafter"):  # the last pipeline stage
+            install_proposer(self, settings)
+            # vLLM skips drafting for a whole batch when one request is
+            # longer than the draft's positions; SpecExtend's draft takes any.
+            self.effective_drafter_max_model_len = self.max_model_len
         replace_on_instance(self, "_on_request_state_removed",
                             _forgetting_requests(self, self._on_request_state_removed),
                             "drop a finished request's SpecExtend state with vLLM's")
@@ -49,15 +53,49 @@ def _forgetting_requests(runner, hook):
 
     def on_request_state_removed(req_id, req_state):
         hook(req_id, req_state)
-        drafting = _drafting_of(runner)
-        if drafting is not None:
-            drafting.forget(req_id)
+        proposer = proposer_of(runner)
+        if proposer is not None:
+            proposer.forget(req_id)
 
     return on_request_state_removed
 
 
-def _drafting_of(runner):
-    return getattr(getattr(runner, "drafter", None), "specextend", None)
+def _policy_hooks_of(runner) -> PolicyHooks | None:
+    proposer = proposer_of(runner)
+    return None if proposer is None else proposer.policy_hooks
+
+
+def wrap_execute_model(original):
+    @functools.wraps(original)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        hooks = _policy_hooks_of(self)
+        if hooks is not None:
+            hooks.step_began(scheduler_output)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def wrap_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        hooks = _policy_hooks_of(self)
+        if hooks is not None:
+            hooks.step_ended(output)
+        return output
+
+    return sample_tokens
+
+
+def wrap_take_draft_token_ids(original):
+    @functools.wraps(original)
+    def take_draft_token_ids(self):
+        hooks = _policy_hooks_of(self)
+        taken = original(self)
+        return taken if hooks is None else hooks.cut_to_picks(taken)
+
+    return take_draft_token_ids
 
 
 def add_worker_state(_absent):
@@ -69,14 +107,14 @@ def add_worker_state(_absent):
         import psutil
 
         runner = getattr(self, "model_runner", None)
-        drafting = _drafting_of(runner)
-        state = {"specextend": drafting is not None,
+        proposer = proposer_of(runner)
+        state = {"specextend": proposer is not None,
                  "rss_bytes": psutil.Process().memory_info().rss,
                  "vllm_requests": len(runner.requests) if runner is not None else 0,
                  "python_allocated_blocks": sys.getallocatedblocks(),
                  **malloc_totals()}
-        if drafting is not None:
-            state.update(drafting.request_state())
+        if proposer is not None:
+            state.update(proposer.request_state())
         return state
 
     return specextend_state

@@ -1,40 +1,40 @@
-"""Draft side of SpecExtend inside vLLM's draft proposers (V1 runner).
+"""SpecExtend's proposers: vLLM's draft proposers (a separate draft model,
+an EAGLE head) with SpecExtend's drafting round, installed in place of
+vLLM's own when a runner starts (`install_proposer`).
 
-After the proposer loads the draft, `SpecExtendDrafting` attaches to it and
-allocates, before vLLM measures memory for its KV cache, everything it
-keeps: the working caches, the target's final-layer query capture, the tree
-scratch rows. Each draft layer's attention is wrapped (`draft_attention`).
-Each drafting round (`wrap_proposer_propose`): with the speculation policy
-on, pick the round's length, and skip the draft where every request
-stepped aside, else first let it read what skipped rounds left out
-(`draft_catch_up`); then `before_drafting`, the SpecExtend step: free the
-caches of requests that left, refresh when due (score, select, lay out),
-and plan which rows draft over their working cache.
+`load_model` loads the draft as vLLM does, then allocates, before vLLM
+measures memory for its KV cache, everything SpecExtend keeps: the working
+caches, the target's final-layer query capture, the tree scratch rows; each
+draft layer's attention is wrapped (`draft_attention`). `propose` is one
+drafting round, top to bottom: the policy's round length (or no draft at
+all), free the caches of requests that left and refresh the due ones
+(score, select, lay out), draft (vLLM's chain, or a tree), return.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import logging
 
 import numpy as np
 import torch
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
 from vllm_specextend.metrics import MetricsFile
 from vllm_specextend.policy.step_clock import StepClock
+from vllm_specextend.retrieval.ownership import WorkingCacheOwners
 from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
 )
 from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
-from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of, settings_of
+from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
@@ -56,39 +56,48 @@ class WorkingCacheCounters:
     working_cache_request_rounds: int = 0  # rows over a working cache, summed over rounds
 
 
-class SpecExtendDrafting:
-    """Everything SpecExtend keeps beside one draft proposer."""
+class SpecExtendProposer:
+    """SpecExtend's drafting over one of vLLM's proposers (mixed in before
+    it: `SpecExtendDraftModelProposer`, `SpecExtendEagleProposer`)."""
 
-    def __init__(self, proposer, target_model: nn.Module, settings: SpecExtendConfig):
-        vllm_config = proposer.vllm_config
+    def __init__(self, vllm_config, device: torch.device, runner, settings: SpecExtendConfig):
+        super().__init__(vllm_config, device, runner)
+        self.runner = runner  # SpecExtend's step reads the batch from it
+        self.settings = settings
+        self.draft_round: DraftRound | None = None  # while a round drafts
+
+    def load_model(self, target_model: nn.Module) -> None:
+        super().load_model(target_model)
+        vllm_config, settings = self.vllm_config, self.settings
         # Again with the block size the platform ended with (GPU platforms
         # choose it by attention backend after the front end's check).
         check_engine_fit(settings, vllm_config)
-        self.proposer = proposer
-        self.settings = settings
         self.geometry = geometry_of(settings, vllm_config)
         block_size = vllm_config.cache_config.block_size
         max_model_len = vllm_config.model_config.max_model_len
-        dtype, device = vllm_config.model_config.dtype, proposer.device
+        max_requests = vllm_config.scheduler_config.max_num_seqs
+        dtype, device = vllm_config.model_config.dtype, self.device
         forward_context = vllm_config.compilation_config.static_forward_context
-        self.layers = {name: forward_context[name]
-                       for name in sorted(proposer._draft_attn_layer_names)}
-        cos_sin = _lengthened_rotary(proposer.model, max_model_len)
-        self.backward = backward_table(cos_sin).to(device, dtype)
-        self.reader = reader_for(next(iter(self.layers.values())), block_size, dtype,
-                                 vllm_config.cache_config.cache_dtype)
-        self.caches = None
+        self.draft_layers = {name: forward_context[name]
+                             for name in sorted(self._draft_attn_layer_names)}
+        cos_sin = _lengthened_rotary(self.model, max_model_len)
+        self.rope_backward = backward_table(cos_sin).to(device, dtype)
+        self.draft_reader = reader_for(next(iter(self.draft_layers.values())), block_size,
+                                       dtype, vllm_config.cache_config.cache_dtype)
+        self.caches = self.owners = None
         if settings.builds_working_caches(self.geometry, max_model_len):
-            num_caches = settings.max_working_caches_for(vllm_config.scheduler_config.max_num_seqs)
-            self.caches = WorkingCaches(self.layers, self.geometry, num_caches, block_size,
-                                        dtype, device)
-        scratch = _tree_scratch(self.layers, settings, vllm_config, dtype, device)
+            num_caches = settings.max_working_caches_for(max_requests)
+            self.caches = WorkingCaches(self.draft_layers, self.geometry, num_caches,
+                                        block_size, dtype, device)
+            self.owners = WorkingCacheOwners(num_caches)
+        scratch = _tree_scratch(self.draft_layers, settings, vllm_config, dtype, device)
         window = self.geometry.main_window if self.geometry.window_binds(max_model_len) else None
-        install_draft_attention(self.layers, self.backward, self.caches, window, scratch)
+        install_draft_attention(self.draft_layers, self.rope_backward, self.caches, window,
+                                scratch)
         self.retrieval = None
         if self.caches is not None:
             target_layer = _rotary_attention_modules(target_model)[-1].attn
-            capture = FinalLayerCapture(target_layer.impl.forward, proposer.max_num_tokens,
+            capture = FinalLayerCapture(target_layer.impl.forward, self.max_num_tokens,
                                         target_layer.num_heads, target_layer.head_size, dtype,
                                         device)
             replace_on_instance(target_layer.impl, "forward", capture.forward,
@@ -99,77 +108,117 @@ class SpecExtendDrafting:
                 block_size)
         self.tree_drafter = None
         if settings.tree:
-            self.tree_drafter = TreeDrafter(proposer, self.layers, self.reader, settings,
+            self.tree_drafter = TreeDrafter(self, self.draft_layers, self.draft_reader, settings,
                                             self.geometry.main_window, block_size)
         self.policy_hooks = self.catch_up = None
         if settings.adaptive:
-            max_requests = vllm_config.scheduler_config.max_num_seqs
             self.policy_hooks = PolicyHooks(
-                vllm_config.speculative_config.num_speculative_tokens, max_requests, device,
+                self.speculative_config.num_speculative_tokens, max_requests, device,
                 tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
-            self.catch_up = DraftCatchUp(proposer, max_requests, block_size)
+            self.catch_up = DraftCatchUp(self, max_requests, block_size)
         self.counters = WorkingCacheCounters()
         self.clock = StepClock(device)
         self.refresh_times: list[tuple] = []  # (began, ended) not yet read
         self.metrics_file = None
         if get_tensor_model_parallel_rank() == 0:  # every rank counts the same
             self.metrics_file = MetricsFile(vllm_config.model_config.served_model_name)
-        self.staging = HostStaging(proposer.max_num_tokens, device)
-        self.runner = proposer.specextend_runner
+        self.staging = HostStaging(self.max_num_tokens, device)
         self.rounds = 0
-        self.round: DraftRound | None = None
         self._logged_first_working_caches = False
         self._log_allocations(scratch)
 
-    def _log_allocations(self, scratch) -> None:
-        parts = []
-        if self.caches is not None:
-            parts.append(f"working caches {self.caches.num_caches} x "
-                         f"{self.geometry.capacity} tokens x {len(self.layers)} draft layers = "
-                         f"{self.caches.nbytes / MIB:.1f} MiB")
-            parts.append(f"target query capture {self.retrieval.capture.nbytes / MIB:.1f} MiB")
-        if scratch:
-            size = sum(t.numel() * t.element_size() for pair in scratch.values() for t in pair)
-            parts.append(f"tree scratch {size / MIB:.1f} MiB")
-        logger.info("SpecExtend: allocated at load, before vLLM sizes its KV cache: %s",
-                    "; ".join(parts) or "nothing (no request can pass the draft window)")
+    def propose(self, num_speculative_tokens: int, *, target_token_ids: torch.Tensor,
+                target_positions: torch.Tensor, next_token_ids: torch.Tensor,
+                token_indices_to_sample: torch.Tensor | None, common_attn_metadata,
+                num_rejected_tokens_gpu: torch.Tensor | None = None, **vllm_arguments):
+        """One drafting round (vLLM's runner passes every argument by name)."""
+        metadata = common_attn_metadata
+        self.publish_metrics()
+        round_length, caught_up = num_speculative_tokens, False
+        if self.policy_hooks is not None:
+            round_length = self._policy_round_length(metadata, num_speculative_tokens)
+            if self._skips_round(metadata, round_length):
+                self.policy_hooks.round_ended(0)
+                return self.catch_up.no_drafts(metadata.batch_size())
+            caught_up = self._catch_up_draft(metadata)
+        # No drafts were verified: the draft samples after each last token.
+        query_indices = (metadata.query_start_loc[1:] - 1 if token_indices_to_sample is None
+                         else token_indices_to_sample).long()
+        self.draft_round = self._refresh_and_plan(metadata, query_indices, target_positions)
+        try:
+            if self.tree_drafter is not None:
+                return self.tree_drafter.propose(
+                    self.runner.input_batch.req_ids[: metadata.num_reqs], self.draft_round,
+                    target_token_ids, target_positions, next_token_ids, query_indices,
+                    metadata, num_rejected_tokens_gpu)
+            drafts = super().propose(
+                round_length, target_token_ids=target_token_ids,
+                target_positions=target_positions, next_token_ids=next_token_ids,
+                token_indices_to_sample=token_indices_to_sample,
+                common_attn_metadata=metadata, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                **vllm_arguments)
+        finally:
+            self.draft_round = None
+        if self.policy_hooks is not None:
+            self.policy_hooks.round_ended(round_length, caught_up)
+        return drafts
 
-    def before_drafting(self, metadata, query_indices: torch.Tensor,
-                        target_positions: torch.Tensor) -> None:
-        """The SpecExtend step of one drafting round (section 3.2)."""
+    def build_per_group_and_layer_attn_metadata(self, common_attn_metadata, draft_index=0):
+        """Per-layer metadata of one draft forward: vLLM's own unless a row
+        of the round drafts over its working cache, else the split
+        `DraftStepPlan`."""
+        if self.draft_round is None or not self.draft_round.uses_working_caches:
+            return super().build_per_group_and_layer_attn_metadata(common_attn_metadata,
+                                                                   draft_index)
+        [group] = self.draft_attn_groups
+
+        def builder_of(sub_cad):
+            return group.build_metadata_for_drafting(common_attn_metadata=sub_cad,
+                                                     draft_index=draft_index)
+
+        positions = self.positions[: common_attn_metadata.num_actual_tokens]
+        plan = self.draft_round.plan_forward(builder_of, common_attn_metadata, positions,
+                                             draft_index)
+        return [plan], dict.fromkeys(group.layer_names, plan)
+
+    def _refresh_and_plan(self, metadata, query_indices: torch.Tensor,
+                          target_positions: torch.Tensor) -> DraftRound | None:
+        """The SpecExtend step of one drafting round (section 3.2): free the
+        working caches of requests that left, refresh the due ones, plan
+        which rows draft over theirs. None: no request can hold one."""
         round_index = self.rounds
         self.rounds += 1
         if self.caches is None:
-            return
+            return None
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
         req_ids = batch.req_ids[:num_reqs]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
-        self.caches.keep_holders(req_ids, computed)
+        self.owners.keep_holders(req_ids, computed)
         # Past the threshold and done with the prompt: a decoding step.
         eligible = (computed > self.geometry.retrieval_min_len) & (
             computed >= batch.num_prompt_tokens[:num_reqs])
-        due = self.caches.due_rows(req_ids, eligible, computed, round_index,
+        due = self.owners.due_rows(req_ids, eligible, computed, round_index,
                                    self.settings.refresh_every)
-        cache_of_row = self.caches.caches_of(req_ids)
-        first_pass_lens = (self._scheduled_lens(num_reqs)
-                           + self.proposer.net_num_new_slots_per_request)
-        self.round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
+        cache_of_row = self.owners.caches_of(req_ids)
+        first_pass_lens = self._scheduled_lens(num_reqs) + self.net_num_new_slots_per_request
+        draft_round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
         if len(due):
             began = self.clock.now()
             self._refresh(metadata, query_indices, target_positions, due, cache_of_row[due])
-            self.round.read_offsets()
+            draft_round.read_offsets()
             self.refresh_times.append((began, self.clock.now()))
             self.counters.refreshes += 1
             self.counters.working_caches_refreshed += len(due)
-        self.counters.working_cache_request_rounds += len(self.round.compact_rows)
+        self.counters.working_cache_request_rounds += len(draft_round.compact_rows)
         while self.refresh_times and self.clock.done(self.refresh_times[0][1]):
             self.counters.refresh_seconds += self.clock.seconds(*self.refresh_times.pop(0))
-        if not self._logged_first_working_caches and self.round.uses_working_caches:
+        if not self._logged_first_working_caches and draft_round.uses_working_caches:
             self._logged_first_working_caches = True
             logger.info("SpecExtend: first working caches filled (%d of %d requests past "
-                        "%d tokens)", len(self.round.compact_rows), num_reqs,
+                        "%d tokens)", len(draft_round.compact_rows), num_reqs,
                         self.geometry.retrieval_min_len)
+        return draft_round
 
     def _refresh(self, metadata, query_indices, target_positions, rows: np.ndarray,
                  caches: np.ndarray) -> None:
@@ -183,15 +232,46 @@ class SpecExtendDrafting:
         layout = self.retrieval.layout(last_accepted, cached_lens,
                                        target_positions[last_accepted].long() + 1,
                                        block_table, metadata.max_seq_len)
-        self.caches.fill(self.layers, self.reader, block_table, caches, layout, self.backward)
+        self.caches.fill(self.draft_layers, self.draft_reader, block_table, caches, layout,
+                         self.rope_backward)
 
-    def end_round(self) -> None:
-        self.round = None
+    def _policy_round_length(self, metadata, num_speculative_tokens: int) -> int:
+        """The policy's draft length for this round (at most vLLM's)."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        context = batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
+        # Done with the prompt after this step: its drafts will be verified.
+        decoding = context >= batch.num_prompt_tokens[:num_reqs]
+        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
+                                              num_speculative_tokens, int(context.sum()))
+
+    def _skips_round(self, metadata, round_length: int) -> bool:
+        """Whether this round runs no draft forward (`DraftCatchUp.skips`)."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        holds_working_cache = self.owners is not None and self.owners.holds_any(req_ids)
+        return self.catch_up.skips(
+            round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
+            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
+            holds_working_cache)
+
+    def _catch_up_draft(self, metadata) -> bool:
+        """The draft reads the tokens of the rounds it skipped; whether any."""
+        batch = self.runner.input_batch
+        num_reqs = metadata.num_reqs
+        return self.catch_up.catch_up(metadata, batch.req_ids[:num_reqs],
+                                      batch.num_computed_tokens_cpu[:num_reqs],
+                                      batch.token_ids_cpu)
+
+    def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
+        """Tokens the target ran for each request this step (host copy)."""
+        return np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
 
     def forget(self, req_id: str) -> None:
         """The request finished: free its working cache, tree and policy state."""
-        if self.caches is not None:
-            self.caches.release(req_id)
+        if self.owners is not None:
+            self.owners.release(req_id)
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
             self.catch_up.stale.forget(req_id)
@@ -202,7 +282,7 @@ class SpecExtendDrafting:
     def request_state(self) -> dict:
         """How many requests each per-request structure still holds, the
         working caches' counters and the speculation policy's."""
-        state = {"working_cache_holders": len(self.caches.holder) if self.caches else 0,
+        state = {"working_cache_holders": len(self.owners.holder) if self.owners else 0,
                  "working_caches": self.caches.num_caches if self.caches else 0,
                  "proposed_trees": len(TREE_STATE.proposed),
                  **dataclasses.asdict(self.counters)}
@@ -216,52 +296,45 @@ class SpecExtendDrafting:
         if self.metrics_file is not None:
             self.metrics_file.write(self.request_state(), force)
 
-    def _scheduled_lens(self, num_reqs: int) -> np.ndarray:
-        """Tokens the target ran for each request this step (host copy)."""
-        return np.diff(self.runner.query_start_loc.np[: num_reqs + 1])
+    def _log_allocations(self, scratch) -> None:
+        parts = []
+        if self.caches is not None:
+            parts.append(f"working caches {self.caches.num_caches} x "
+                         f"{self.geometry.capacity} tokens x {len(self.draft_layers)} draft "
+                         f"layers = {self.caches.nbytes / MIB:.1f} MiB")
+            parts.append(f"target query capture {self.retrieval.capture.nbytes / MIB:.1f} MiB")
+        if scratch:
+            size = sum(t.numel() * t.element_size() for pair in scratch.values() for t in pair)
+            parts.append(f"tree scratch {size / MIB:.1f} MiB")
+        logger.info("SpecExtend: allocated at load, before vLLM sizes its KV cache: %s",
+                    "; ".join(parts) or "nothing (no request can pass the draft window)")
 
-    def skips_round(self, metadata, round_length: int) -> bool:
-        """Whether this round runs no draft forward (`DraftCatchUp.skips`)."""
-        batch = self.runner.input_batch
-        num_reqs = metadata.num_reqs
-        req_ids = batch.req_ids[:num_reqs]
-        holds_working_cache = self.caches is not None and any(
-            req_id in self.caches.holder for req_id in req_ids)
-        return self.catch_up.skips(
-            round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
-            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
-            holds_working_cache)
 
-    def catch_up_draft(self, metadata) -> bool:
-        """The draft reads the tokens of the rounds it skipped; whether any."""
-        batch = self.runner.input_batch
-        num_reqs = metadata.num_reqs
-        return self.catch_up.catch_up(metadata, batch.req_ids[:num_reqs],
-                                      batch.num_computed_tokens_cpu[:num_reqs],
-                                      batch.token_ids_cpu)
+class SpecExtendDraftModelProposer(SpecExtendProposer, DraftModelProposer):
+    """SpecExtend over a separate draft model."""
 
-    def round_length(self, metadata, num_speculative_tokens: int) -> int:
-        """The policy's draft length for this round (at most vLLM's)."""
-        batch = self.runner.input_batch
-        num_reqs = metadata.num_reqs
-        context = batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
-        # Done with the prompt after this step: its drafts will be verified.
-        decoding = context >= batch.num_prompt_tokens[:num_reqs]
-        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
-                                              num_speculative_tokens, int(context.sum()))
 
-    def plan_forward(self, proposer, cad, draft_index: int):
-        """Per-layer metadata of one draft forward: vLLM's own when no row of
-        the round holds a working cache, else the split `DraftStepPlan`."""
-        [group] = proposer.draft_attn_groups
+class SpecExtendEagleProposer(SpecExtendProposer, EagleProposer):
+    """SpecExtend over an EAGLE head."""
 
-        def builder_of(sub_cad):
-            return group.build_metadata_for_drafting(common_attn_metadata=sub_cad,
-                                                     draft_index=draft_index)
 
-        positions = proposer.positions[: cad.num_actual_tokens]
-        plan = self.round.plan_forward(builder_of, cad, positions, draft_index)
-        return [plan], dict.fromkeys(group.layer_names, plan)
+def install_proposer(runner, settings: SpecExtendConfig) -> None:
+    """Replace the proposer vLLM's runner built with SpecExtend's over the
+    same kind (before any model loads)."""
+    for stock, ours in ((EagleProposer, SpecExtendEagleProposer),
+                        (DraftModelProposer, SpecExtendDraftModelProposer)):
+        if isinstance(runner.drafter, stock):
+            runner.drafter = ours(runner.vllm_config, runner.device, runner, settings)
+            return
+    raise SpecExtendConfigError(
+        f"speculative_config.draft_method: SpecExtend drafts with a draft model or an EAGLE "
+        f"head, not with vLLM's {type(runner.drafter).__name__}")
+
+
+def proposer_of(runner) -> SpecExtendProposer | None:
+    """The runner's SpecExtend proposer, if it serves SpecExtend."""
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, SpecExtendProposer) else None
 
 
 def _rotary_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -302,83 +375,3 @@ def _tree_scratch(layers, settings: SpecExtendConfig, vllm_config, dtype, device
                                     device=device) for _ in range(2))
             for name, layer in layers.items()}
 
-
-def wrap_proposer_load_model(original):
-    @functools.wraps(original)
-    def load_model(self, target_model, *args, **kwargs):
-        original(self, target_model, *args, **kwargs)
-        settings = settings_of(self.vllm_config)
-        if settings is not None:
-            replace_on_instance(self, "specextend",
-                                SpecExtendDrafting(self, target_model, settings),
-                                "SpecExtend's state beside the proposer", adding=True)
-
-    return load_model
-
-
-def wrap_input_fits_in_drafter(original):
-    """vLLM skips drafting for a whole batch when one request is longer than
-    the draft's positions; SpecExtend's draft takes any length."""
-
-    @functools.wraps(original)
-    def input_fits_in_drafter(self, common_attn_metadata):
-        if getattr(self, "specextend_config", None) is not None:
-            return common_attn_metadata is not None
-        return original(self, common_attn_metadata)
-
-    return input_fits_in_drafter
-
-
-def wrap_build_attn_metadata(original):
-    """Draft forwards of a round with working caches get SpecExtend's plan."""
-
-    @functools.wraps(original)
-    def build_per_group_and_layer_attn_metadata(self, common_attn_metadata, draft_index=0):
-        drafting = getattr(self, "specextend", None)
-        if drafting is None or drafting.round is None or not drafting.round.uses_working_caches:
-            return original(self, common_attn_metadata, draft_index)
-        return drafting.plan_forward(self, common_attn_metadata, draft_index)
-
-    return build_per_group_and_layer_attn_metadata
-
-
-def wrap_proposer_propose(original):
-    """Run SpecExtend's step before each drafting round; in tree mode, draft
-    trees instead of chains."""
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def propose(self, *args, **kwargs):
-        drafting = getattr(self, "specextend", None)
-        if drafting is None:
-            return original(self, *args, **kwargs)
-        drafting.publish_metrics()
-        bound = signature.bind(self, *args, **kwargs).arguments
-        metadata = bound["common_attn_metadata"]
-        hooks = drafting.policy_hooks
-        if hooks is not None:
-            round_length = drafting.round_length(metadata, bound["num_speculative_tokens"])
-            if drafting.skips_round(metadata, round_length):
-                hooks.round_ended(0)
-                return drafting.catch_up.no_drafts(metadata.batch_size())
-            caught_up = drafting.catch_up_draft(metadata)
-            bound["num_speculative_tokens"] = round_length
-            args, kwargs = (), {name: value for name, value in bound.items() if name != "self"}
-        query_indices = bound.get("token_indices_to_sample")
-        if query_indices is None:  # no drafts were verified: the last token
-            query_indices = metadata.query_start_loc[1:] - 1
-        drafting.before_drafting(metadata, query_indices.long(), bound["target_positions"])
-        try:
-            if drafting.tree_drafter is None:
-                drafts = original(self, *args, **kwargs)
-                if hooks is not None:
-                    hooks.round_ended(round_length, caught_up)
-                return drafts
-            return drafting.tree_drafter.propose(
-                drafting.runner.input_batch.req_ids[: metadata.num_reqs], drafting.round,
-                bound["target_token_ids"], bound["target_positions"], bound["next_token_ids"],
-                query_indices, metadata, bound.get("num_rejected_tokens_gpu"))
-        finally:
-            drafting.end_round()
-
-    return propose

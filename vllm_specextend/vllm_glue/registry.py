@@ -5,27 +5,22 @@ entry point does so only after checking vLLM's version, and refuses
 cleanly if the import fails."""
 
 
-from vllm_specextend.vllm_glue.draft_model import (
-    wrap_build_attn_metadata,
-    wrap_input_fits_in_drafter,
-    wrap_proposer_load_model,
-    wrap_proposer_propose,
-)
 from vllm_specextend.vllm_glue.engine_config import (
     wrap_create_engine_config,
     wrap_v2_runner_unsupported,
 )
 from vllm_specextend.vllm_glue.patching import Patch
-from vllm_specextend.vllm_glue.processes import add_worker_state, wrap_runner_init
+from vllm_specextend.vllm_glue.processes import (
+    add_worker_state,
+    wrap_execute_model,
+    wrap_runner_init,
+    wrap_sample_tokens,
+    wrap_take_draft_token_ids,
+)
 from vllm_specextend.vllm_glue.sampling import (
     wrap_apply_sampling_constraints,
     wrap_expand_batch_to_tokens,
     wrap_validate_params,
-)
-from vllm_specextend.vllm_glue.speculation_policy import (
-    wrap_execute_model,
-    wrap_sample_tokens,
-    wrap_take_draft_token_ids,
 )
 from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
@@ -46,31 +41,8 @@ PATCHES = [
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner.__init__",
         wrap_runner_init,
-        "give each model runner (CPU runner included) its SpecExtend settings",
-    ),
-    Patch(
-        "vllm.v1.spec_decode.llm_base_proposer",
-        "SpecDecodeBaseProposer.load_model",
-        wrap_proposer_load_model,
-        "working caches, the draft's attention and the target's query capture",
-    ),
-    Patch(
-        "vllm.v1.spec_decode.llm_base_proposer",
-        "SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata",
-        wrap_build_attn_metadata,
-        "draft forwards with working caches: one split plan per forward",
-    ),
-    Patch(
-        "vllm.v1.spec_decode.llm_base_proposer",
-        "SpecDecodeBaseProposer.propose",
-        wrap_proposer_propose,
-        "before each drafting round: refresh working caches, plan the round",
-    ),
-    Patch(
-        "vllm.v1.worker.gpu_model_runner",
-        "GPUModelRunner._input_fits_in_drafter",
-        wrap_input_fits_in_drafter,
-        "draft for requests longer than the draft's positions",
+        "give each model runner (CPU runner included) its SpecExtend settings and "
+        "SpecExtend's proposer",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner",

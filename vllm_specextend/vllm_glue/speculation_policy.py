@@ -14,7 +14,6 @@ synchronous) and by CUDA events read a step later on GPU.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -155,41 +154,3 @@ class PolicyHooks:
             "policy_costs_s": {"step_by_round_length": list(costs.step_by_round_length),
                                "per_verified_token": costs.per_verified_token},
         }
-
-
-def _hooks_of(runner) -> PolicyHooks | None:
-    drafting = getattr(getattr(runner, "drafter", None), "specextend", None)
-    return getattr(drafting, "policy_hooks", None)
-
-
-def wrap_execute_model(original):
-    @functools.wraps(original)
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        hooks = _hooks_of(self)
-        if hooks is not None:
-            hooks.step_began(scheduler_output)
-        return original(self, scheduler_output, *args, **kwargs)
-
-    return execute_model
-
-
-def wrap_sample_tokens(original):
-    @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
-        output = original(self, *args, **kwargs)
-        hooks = _hooks_of(self)
-        if hooks is not None:
-            hooks.step_ended(output)
-        return output
-
-    return sample_tokens
-
-
-def wrap_take_draft_token_ids(original):
-    @functools.wraps(original)
-    def take_draft_token_ids(self):
-        hooks = _hooks_of(self)
-        taken = original(self)
-        return taken if hooks is None else hooks.cut_to_picks(taken)
-
-    return take_draft_token_ids

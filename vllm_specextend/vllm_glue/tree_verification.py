@@ -23,6 +23,7 @@ from vllm_specextend.attention.hybrid_tree_attention import ancestor_bitmasks
 from vllm_specextend.tree.compaction import compaction_moves
 from vllm_specextend.tree.dynamic_tree import DraftTree, accept_path
 from vllm_specextend.tree.verification import accepted_first_order, verification_layout
+from vllm_specextend.vllm_glue.proposer import proposer_of
 from vllm_specextend.vllm_glue.sampling import node_sampling_metadata
 from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ScheduledTrees
 
@@ -180,7 +181,7 @@ def _compact_accepted_paths(runner, trees: ScheduledTrees, tree: DraftTree, acce
 def _reordered_buffers(runner):
     yield runner.input_ids.gpu
     yield runner.positions
-    retrieval = getattr(getattr(runner.drafter, "specextend", None), "retrieval", None)
+    retrieval = proposer_of(runner).retrieval
     if retrieval is not None:
         yield retrieval.capture.queries
 

@@ -19,6 +19,7 @@ lengths vLLM keeps on the host; every tensor shape follows from it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -29,15 +30,17 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from vllm_specextend.config import WorkingCacheGeometry
 from vllm_specextend.paged_cache import slots_of
+from vllm_specextend.retrieval.draft_rows import RowSplit, TokenSplit, query_starts
+from vllm_specextend.retrieval.ownership import NO_CACHE
 from vllm_specextend.retrieval.working_cache import WorkingCacheLayout
 from vllm_specextend.vllm_glue.rotation import move_back_
 
 logger = logging.getLogger("vllm.specextend")
-NO_CACHE = -1
 
 
 class WorkingCaches:
-    """The draft layers' working caches and which request holds which."""
+    """The draft layers' working caches (which request holds which:
+    `retrieval.ownership`)."""
 
     def __init__(self, layers: dict[str, object], geometry: WorkingCacheGeometry,
                  num_caches: int, block_size: int, dtype: torch.dtype, device: torch.device):
@@ -56,12 +59,6 @@ class WorkingCaches:
             num_caches, self.blocks_per_cache)
         # Per cache: true minus compact position of its window and later tokens.
         self.offsets = torch.zeros(num_caches, dtype=torch.long, device=device)
-        self.holder: dict[str, int] = {}  # request id -> cache index
-        # Per cache: the request's computed tokens when it was filled (fewer
-        # later: vLLM recomputed the request, preempted and resumed), and the
-        # drafting round it was filled in.
-        self.filled_at = np.zeros(num_caches, dtype=np.int64)
-        self.filled_round = np.zeros(num_caches, dtype=np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -78,39 +75,6 @@ class WorkingCaches:
 
     def slot_base(self, caches: torch.Tensor) -> torch.Tensor:
         return caches.long() * (self.blocks_per_cache * self.block_size)
-
-    def keep_holders(self, req_ids: list[str], computed: np.ndarray) -> None:
-        """Free the caches of requests that left the batch or restarted."""
-        present = dict(zip(req_ids, computed))
-        for req_id, cache in list(self.holder.items()):
-            if req_id not in present or present[req_id] < self.filled_at[cache]:
-                del self.holder[req_id]
-
-    def release(self, req_id: str) -> None:
-        self.holder.pop(req_id, None)
-
-    def due_rows(self, req_ids: list[str], eligible: np.ndarray, computed: np.ndarray,
-                 round_index: int, refresh_every: int) -> np.ndarray:
-        """Rows whose cache is (re)filled this round: eligible requests that
-        just got a cache, and holders filled `refresh_every` rounds ago.
-        Requests beyond the caches keep their sliding window."""
-        free = sorted(set(range(self.num_caches)) - set(self.holder.values()))
-        due = []
-        for row in np.flatnonzero(eligible):
-            cache = self.holder.get(req_ids[row])
-            if cache is None:
-                if not free:
-                    continue
-                cache = self.holder[req_ids[row]] = free.pop(0)
-            elif round_index - self.filled_round[cache] < refresh_every:
-                continue
-            self.filled_at[cache], self.filled_round[cache] = computed[row], round_index
-            due.append(row)
-        return np.array(due, dtype=np.int64)
-
-    def caches_of(self, req_ids: list[str]) -> np.ndarray:
-        return np.array([self.holder.get(req_id, NO_CACHE) for req_id in req_ids],
-                        dtype=np.int64)
 
     def fill(self, layers: dict[str, object], reader, main_block_table: torch.Tensor,
              caches: torch.Tensor, layout: WorkingCacheLayout, backward: torch.Tensor) -> None:
@@ -166,20 +130,6 @@ class DraftStepPlan:
     compact_offsets: torch.Tensor | None
 
 
-@dataclass
-class _Split:
-    """Which tokens of a forward belong to which rows (a first pass or a
-    draft step), on device."""
-
-    query_lens: np.ndarray
-    num_tokens: int
-    compact_tokens: torch.Tensor
-    compact_token_rows: torch.Tensor  # index into the round's compact rows
-    compact_query_start_loc: torch.Tensor
-    main_tokens: torch.Tensor
-    main_query_start_loc: torch.Tensor
-
-
 class DraftRound:
     """One drafting round (a first pass and the following draft steps): which
     rows draft over working caches, and the index tensors every forward of
@@ -188,8 +138,8 @@ class DraftRound:
     def __init__(self, caches: WorkingCaches, cache_of_row: np.ndarray,
                  first_pass_query_lens: np.ndarray, staging: "HostStaging"):
         self.caches = caches
-        self.compact_rows = np.flatnonzero(cache_of_row != NO_CACHE)
-        self.main_rows = np.flatnonzero(cache_of_row == NO_CACHE)
+        rows = RowSplit.of(cache_of_row)
+        self.compact_rows, self.main_rows = rows.compact_rows, rows.main_rows
         self.staging = staging
         self.cache_ids = staging.to_device("caches", cache_of_row[self.compact_rows])
         self.compact_rows_device = staging.to_device("compact_rows", self.compact_rows)
@@ -197,8 +147,9 @@ class DraftRound:
         self.compact_bases = caches.slot_base(self.cache_ids)
         self.compact_block_table = caches.block_table[self.cache_ids]
         self.read_offsets()
-        self.first_pass = self._split("first", first_pass_query_lens)
-        self.steps = self._split("step", np.ones(len(cache_of_row), dtype=np.int64))
+        self.first_pass = self._staged("first", rows.tokens(first_pass_query_lens))
+        self.steps = self._staged("step", rows.tokens(np.ones(len(cache_of_row),
+                                                              dtype=np.int64)))
 
     @property
     def uses_working_caches(self) -> bool:
@@ -208,20 +159,11 @@ class DraftRound:
         """The rows' offsets, as the last refresh of their caches set them."""
         self.compact_offsets = self.caches.offsets[self.cache_ids]
 
-    def _split(self, name: str, query_lens: np.ndarray) -> _Split:
-        starts = np.concatenate(([0], np.cumsum(query_lens)))
-        compact_tokens, compact_token_rows = _tokens_of(self.compact_rows, starts, query_lens)
-        main_tokens, _ = _tokens_of(self.main_rows, starts, query_lens)
-        to_device = self.staging.to_device
-        return _Split(
-            query_lens=query_lens, num_tokens=int(starts[-1]),
-            compact_tokens=to_device(f"{name}_compact_tokens", compact_tokens),
-            compact_token_rows=to_device(f"{name}_compact_token_rows", compact_token_rows),
-            compact_query_start_loc=to_device(f"{name}_compact_query_start_loc",
-                                              _starts(query_lens[self.compact_rows])),
-            main_tokens=to_device(f"{name}_main_tokens", main_tokens),
-            main_query_start_loc=to_device(f"{name}_main_query_start_loc",
-                                           _starts(query_lens[self.main_rows])))
+    def _staged(self, name: str, split: TokenSplit) -> TokenSplit:
+        """`split` with its index arrays on the device."""
+        return dataclasses.replace(split, **{
+            field: self.staging.to_device(f"{name}_{field}", getattr(split, field))
+            for field in TOKEN_INDICES})
 
     def plan_forward(self, builder_of, cad: CommonAttentionMetadata, positions: torch.Tensor,
                      draft_index: int) -> DraftStepPlan:
@@ -265,23 +207,11 @@ class DraftRound:
             compact_offsets=offsets if draft_index == 0 else None)
 
 
-def _starts(query_lens: np.ndarray) -> np.ndarray:
-    return np.concatenate(([0], np.cumsum(query_lens)))
-
-
-def _tokens_of(rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray):
-    """Token indices of `rows` and, for each, its index in `rows`."""
-    counts = query_lens[rows]
-    token_rows = np.repeat(np.arange(len(rows)), counts)
-    first = np.repeat(starts[rows] - np.cumsum(counts) + counts, counts)
-    return first + np.arange(len(token_rows)), token_rows
-
-
 def sub_batch_metadata(query_lens: np.ndarray, query_start_loc: torch.Tensor,
                        seq_lens: torch.Tensor, block_table: torch.Tensor,
                        slot_mapping: torch.Tensor, max_seq_len: int) -> CommonAttentionMetadata:
     """vLLM's metadata for some rows of a batch, each with its own query."""
-    starts = _starts(query_lens).astype(np.int32)
+    starts = query_starts(query_lens).astype(np.int32)
     return CommonAttentionMetadata(
         query_start_loc=query_start_loc.to(torch.int32),
         query_start_loc_cpu=torch.from_numpy(starts), seq_lens=seq_lens.to(torch.int32),
@@ -291,10 +221,10 @@ def sub_batch_metadata(query_lens: np.ndarray, query_start_loc: torch.Tensor,
 
 
 # Index arrays a round copies to the device, each at most one per token.
+TOKEN_INDICES = ("compact_tokens", "compact_token_rows", "compact_query_start_loc",
+                 "main_tokens", "main_query_start_loc")
 STAGED_ARRAYS = ("caches", "compact_rows", "main_rows", "due_rows", "due_caches") + tuple(
-    f"{split}_{what}" for split in ("first", "step")
-    for what in ("compact_tokens", "compact_token_rows", "compact_query_start_loc",
-                 "main_tokens", "main_query_start_loc"))
+    f"{split}_{what}" for split in ("first", "step") for what in TOKEN_INDICES)
 
 
 class HostStaging:
