@@ -111,7 +111,9 @@ def defines(sources: "Sources", module: str, name: str) -> bool:
 
 
 def glue_sources() -> dict[str, str]:
-    return {path.name: path.read_text() for path in sorted(GLUE.glob("*.py"))}
+    """Every glue file (the trees package's too), by its path in the glue."""
+    return {path.relative_to(GLUE).as_posix(): path.read_text()
+            for path in sorted(GLUE.rglob("*.py"))}
 
 
 def imported_names(glue: dict[str, str]) -> set[tuple[str, str]]:

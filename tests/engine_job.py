@@ -61,6 +61,7 @@ def main(job_path: str, result_path: str) -> None:
                               for kwargs in job["refused_params"]]
     if job.get("collect_worker_settings"):
         result["worker_settings"] = llm.collective_rpc(_runner_settings)
+        result["trees_package_loaded"] = llm.collective_rpc(_trees_package_loaded)
     if job.get("count_host_syncs"):
         [result["host_syncs"]] = llm.collective_rpc(_host_syncs_counted)
     if job.get("record_attention_spans"):
@@ -255,22 +256,31 @@ def _refusal(llm, prompt, kwargs) -> str | None:
 
 
 def _tree_reordered_buffers(worker):
-    """Which of the runner's per-token buffers tree compaction reorders."""
-    from vllm_specextend.vllm_glue.tree_verification import _reordered_buffers
-
+    """Which of the runner's per-token buffers tree compaction reorders
+    (None: no tree verification in this engine)."""
     runner = worker.model_runner
+    if runner.drafter.verification is None:
+        return None
     named = {"input_ids": runner.input_ids.gpu, "positions": runner.positions}
     retrieval = runner.drafter.retrieval
     if retrieval is not None:
         named["captured target queries"] = retrieval.capture.queries
-    reordered = list(_reordered_buffers(runner))
+    reordered = runner.drafter.verification.reordered_buffers(runner)
     return sorted(name for name, buffer in named.items()
                   if any(buffer is other for other in reordered))
 
 
+def _trees_package_loaded(worker) -> bool:
+    import sys
+
+    return "vllm_specextend.vllm_glue.trees" in sys.modules
+
+
 def _runner_settings(worker):
-    settings = getattr(worker.model_runner, "specextend_config", None)
-    return None if settings is None else settings.model_dump()
+    from vllm_specextend.vllm_glue.proposer import proposer_of
+
+    proposer = proposer_of(worker.model_runner)
+    return None if proposer is None else proposer.settings.model_dump()
 
 
 def _target_kv_blocks(worker, blocks):

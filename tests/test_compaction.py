@@ -55,7 +55,7 @@ def test_compaction_in_vllms_cpu_cache(tiny_pair):
     from vllm.plugins import load_general_plugins
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
 
-    from vllm_specextend.vllm_glue.tree_attention_backend import HybridTreeCPUAttentionImpl
+    from vllm_specextend.vllm_glue.trees.backend import HybridTreeCPUAttentionImpl
 
     load_general_plugins()
     num_heads, num_kv_heads, head_dim, block_size = 4, 2, 64, 32

@@ -3,7 +3,6 @@ ancestors, weights the product of probabilities along the path, node budget
 and depth respected, the stop rule as specified; tree acceptance, greedy and
 sampled (the output keeps the target's distribution)."""
 
-import itertools
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from vllm_specextend.tree.dynamic_tree import (
     DraftTree,
     DynamicTreeBuilder,
     accept_path,
-    child_paths,
+    grow_tree,
 )
 
 
@@ -167,22 +166,34 @@ def test_sampled_acceptance_keeps_the_target_distribution():
     assert bool((count[samples[:, 0] == 1] >= 1).all())
 
 
-def test_child_paths_follow_the_parents():
+def test_grown_trees_give_each_node_its_path_of_scratch_rows():
+    """`grow_tree` runs one draft layer per depth; each node's path is its
+    ancestors' scratch rows then its own, and no two nodes of a step share
+    a row."""
     torch.manual_seed(3)
-    batch, nodes, vocab = 2, 4, 5
-    builder = DynamicTreeBuilder(batch, nodes, max_depth=4, threshold=-1.0)
-    paths = torch.zeros(batch, 1, 0, dtype=torch.long)
-    while not builder.done():
-        width = builder.frontier_weights().shape[1]
-        builder.add_layer(torch.rand(batch, width, vocab).softmax(dim=-1))
-        # A node's "slot" is its index in the candidate pool.
-        pool_index = (builder.depth - 1) * nodes + torch.arange(nodes).expand(batch, -1)
-        paths = child_paths(paths, builder.frontier_parents, pool_index)
+    batch, nodes, vocab, max_depth = 2, 4, 5, 4
+    builder = DynamicTreeBuilder(batch, nodes, max_depth=max_depth, threshold=-1.0)
+    seen = []
+
+    def draft_layer(depth, tokens, node_rows, paths):
+        assert tokens.shape == node_rows.shape == (batch, nodes)
+        assert paths.shape == (batch, nodes, depth)
+        seen.append((node_rows, paths))
+        return torch.rand(batch, nodes, vocab).softmax(dim=-1)
+
+    grow_tree(builder, torch.rand(batch, vocab).softmax(dim=-1), draft_layer)
+    assert len(seen) == max_depth - 1
+    all_rows = torch.cat([rows.flatten() for rows, _ in seen])
+    assert len(set(all_rows.tolist())) == len(all_rows)
+    # Pool index -> scratch row: the builder's pool and the scratch rows use
+    # the same (depth, node) blocks.
     parents = torch.cat(builder.parents, dim=1)
-    for request in range(batch):
-        for local in range(nodes):
-            node, chain = (builder.depth - 1) * nodes + local, []
-            while node >= 0:
-                chain.append(node)
-                node = int(parents[request, node])
-            assert paths[request, local].tolist() == chain[::-1]
+    for depth, (rows, paths) in enumerate(seen, start=1):
+        for request in range(batch):
+            for local in range(nodes):
+                node, chain = (depth - 1) * nodes + local, []
+                while node >= 0:
+                    chain.append(node)
+                    node = int(parents[request, node])
+                base = request * max_depth * nodes
+                assert paths[request, local].tolist() == [base + n for n in chain[::-1]]

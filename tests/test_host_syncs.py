@@ -1,6 +1,7 @@
 """The plugin's hot path makes the host wait for the device nowhere: a real
 engine decodes a batch where one request drafts over its working cache
-(refreshed every other step) and one over vLLM's cache, with every torch
+(refreshed every other step) and one over vLLM's cache, both verified with
+Hybrid Tree Attention (its rows planned once per step), with every torch
 call that syncs counted when the plugin's own code makes it (outside the
 `*_cpu` functions only vLLM's CPU build runs). Tree mode is counted too:
 its count is reported, and it shows the counter sees the plugin's calls."""
@@ -27,8 +28,10 @@ def counted(tiny_pair, prompts, tmp_path, **settings):
 
 
 def test_chain_drafting_with_working_caches_never_syncs(tiny_pair, prompts, tmp_path):
-    result, log = counted(tiny_pair, prompts, tmp_path, num_speculative_tokens=4)
+    result, log = counted(tiny_pair, prompts, tmp_path, num_speculative_tokens=4,
+                          hybrid_tree_attention=True, hybrid_tree_attention_min_len=512)
     assert "first working caches filled (1 of 2 requests" in log
+    assert "Hybrid Tree Attention verified its first rows (chains)" in log
     syncs = result["host_syncs"]
     assert syncs["drafting_rounds"] > NEW_TOKENS // 5  # every step drafted
     assert syncs["by_site"] == {}

@@ -138,10 +138,20 @@ def test_tree_compaction_reorders_the_captured_target_queries(specextend_run):
     scores chunks with another token's query."""
     result, _, variant = specextend_run
     reordered = result["tree_reordered_buffers"]
+    if not variant.get("tree"):
+        uses_hta = bool(variant.get("hybrid_tree_attention"))
+        assert (reordered is not None) == uses_hta  # HTA chains: verification, no compaction
+        return
     expected = ["input_ids", "positions"]
     if variant.get("retrieval", True):
         expected.insert(0, "captured target queries")
     assert reordered == expected
+
+
+def test_only_tree_mode_and_hta_load_the_trees_package(specextend_run):
+    result, _, variant = specextend_run
+    uses_trees = bool(variant.get("tree") or variant.get("hybrid_tree_attention"))
+    assert result["trees_package_loaded"] == [uses_trees]
 
 
 def test_settings_reach_the_workers(specextend_run):

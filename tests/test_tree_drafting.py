@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_specextend.vllm_glue.tree_drafting import TreeContext
+from vllm_specextend.vllm_glue.trees.drafting import TreeContext
 
 
 class PlainReader:

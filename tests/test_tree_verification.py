@@ -23,8 +23,7 @@ def test_layout_of_a_hand_made_batch():
                      depths=torch.tensor([[1, 2, 2], [1, 0, 0]]),
                      weights=torch.tensor([[0.9, 0.5, 0.3], [0.8, 0.0, 0.0]]),
                      num_nodes=torch.tensor([3, 1]))
-    layout = verification_layout(tree, torch.tensor([1, 2]), torch.tensor([10, 20]))
-    assert layout.tokens.tolist() == [1, 5, 6, 7, 2, 9]
+    layout = verification_layout(tree, torch.tensor([10, 20]))
     assert layout.positions.tolist() == [10, 11, 12, 12, 20, 21]
     assert layout.parents.tolist() == [-1, 0, 1, 1, -1, 0]
     assert layout.query_start_loc.tolist() == [0, 4, 6]
@@ -38,8 +37,8 @@ def test_each_node_is_verified_as_the_chain_of_its_path():
         builder.add_layer(torch.rand(1, width, 6).softmax(dim=-1))
     tree = builder.finish()
     prefix_len, block_size, num_heads, num_kv_heads, head_dim = 37, 16, 4, 2, 32
-    layout = verification_layout(tree, torch.tensor([3]), torch.tensor([prefix_len]))
-    nodes = len(layout.tokens)
+    layout = verification_layout(tree, torch.tensor([prefix_len]))
+    nodes = len(layout.positions)
     cos_sin = rope_cache(128, head_dim)
     table, num_blocks = random_block_table([prefix_len + nodes], block_size)
     prefix_keys = torch.randn(prefix_len, num_kv_heads, head_dim)

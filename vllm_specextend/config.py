@@ -91,8 +91,9 @@ class SpecExtendConfig(BaseModel):
     `capacity` tokens of draft K/V, allocated at start-up); default:
     max_num_seqs, at most 32. Others draft over their recent window."""
     hybrid_tree_attention_min_len: int = Field(default=4096, gt=0)
-    """Prefix length from which tree verification uses Hybrid Tree Attention
-    (the paper finds it pays above about 4K tokens)."""
+    """Cached prefix length from which chain drafts are verified with Hybrid
+    Tree Attention (`hybrid_tree_attention`; trees always are). The paper
+    finds it pays above about 4K tokens."""
     adaptive: bool = True
     """Per-request speculation policy: each request drafts 0 to
     num_speculative_tokens tokens a round, whichever its measured acceptance

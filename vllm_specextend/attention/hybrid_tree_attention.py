@@ -46,6 +46,13 @@ def ancestor_bitmasks(parents: torch.Tensor, tree_start_loc: torch.Tensor) -> to
     return masks
 
 
+def chain_bitmasks(local: torch.Tensor) -> torch.Tensor:
+    """`ancestor_bitmasks` of chains (each node's parent the node before it),
+    from each node's index in its chain: bits 0..local."""
+    full = (torch.ones_like(local, dtype=torch.int64) << (local.clamp(max=62) + 1)) - 1
+    return torch.where(local >= 63, -1, full)
+
+
 def _is_visible(masks: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """[nodes, nodes] bool: does node q (row) see node k (column)?"""
     return ((masks[:, None] >> local[None, :]) & 1).bool()

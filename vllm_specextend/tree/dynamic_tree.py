@@ -129,6 +129,27 @@ def child_paths(parent_paths: torch.Tensor, frontier_parents: torch.Tensor,
     return torch.cat((gathered, child_slots[:, :, None]), dim=2)
 
 
+def grow_tree(builder: DynamicTreeBuilder, root_probs: torch.Tensor, draft_layer) -> DraftTree:
+    """Grow every request's tree, one draft forward per layer. `root_probs`
+    [batch, vocab]: the draft's distribution after each root.
+    `draft_layer(depth, tokens, node_rows, paths)` runs the draft on the
+    newest layer's nodes: their tokens [batch, nodes], the scratch rows
+    their keys and values go to (one block of `nodes` rows per request and
+    depth) and each node's path of scratch rows, depth 1 to itself
+    [batch, nodes, depth]; it returns their next-token probabilities
+    [batch, nodes, vocab]."""
+    batch, nodes, device = root_probs.shape[0], builder.nodes, root_probs.device
+    request_base = torch.arange(batch, device=device)[:, None] * (builder.max_depth * nodes)
+    tokens = builder.add_layer(root_probs[:, None, :])
+    paths = torch.empty(batch, 1, 0, dtype=torch.long, device=device)
+    while not builder.done():
+        depth = builder.depth
+        node_rows = request_base + (depth - 1) * nodes + torch.arange(nodes, device=device)
+        paths = child_paths(paths, builder.frontier_parents, node_rows)
+        tokens = builder.add_layer(draft_layer(depth, tokens, node_rows, paths))
+    return builder.finish()
+
+
 def accept_path(tree: DraftTree, target_tokens: torch.Tensor):
     """Verification: from the root, move to the child whose token is the
     target's token at the current node while one exists.

@@ -21,28 +21,25 @@ from vllm_specextend.tree.dynamic_tree import DraftTree
 
 @dataclass
 class VerificationLayout:
-    """The scheduled tokens of one verification pass, requests one after another."""
+    """The scheduled tokens of one verification pass (each request's root,
+    then its tree's nodes), requests one after another."""
 
-    tokens: torch.Tensor  # [num_tokens] root, then the tree's nodes
     positions: torch.Tensor  # [num_tokens] RoPE positions: root + depth
     parents: torch.Tensor  # [num_tokens] local index (root: -1), for ancestor masks
     query_start_loc: torch.Tensor  # [batch + 1]
 
 
-def verification_layout(tree: DraftTree, root_tokens: torch.Tensor,
-                        root_positions: torch.Tensor) -> VerificationLayout:
+def verification_layout(tree: DraftTree, root_positions: torch.Tensor) -> VerificationLayout:
     """Lay out each request's root and its `num_nodes` nodes."""
     batch, nodes = tree.tokens.shape
     device = tree.tokens.device
     # Column 0 is the root; node i moves to column i + 1, its parent with it.
-    tokens = torch.cat((root_tokens.long()[:, None], tree.tokens), dim=1)
     depths = torch.cat((torch.zeros(batch, 1, dtype=torch.long, device=device), tree.depths), 1)
     parents = torch.cat((torch.full((batch, 1), -1, dtype=torch.long, device=device),
                          tree.parents + 1), dim=1)
     scheduled = torch.arange(nodes + 1, device=device)[None, :] <= tree.num_nodes[:, None]
     counts = tree.num_nodes + 1
     return VerificationLayout(
-        tokens=tokens[scheduled],
         positions=(root_positions.long()[:, None] + depths)[scheduled],
         parents=parents[scheduled],
         query_start_loc=torch.cat((counts.new_zeros(1), counts.cumsum(0))),

@@ -13,8 +13,9 @@ trained on (none where max_model_len keeps every query within it). Its
   back there with vLLM's fused RoPE kernel; draft steps run at them), the
   keys are written to the working cache, and vLLM's kernel runs over it;
   the other rows run vLLM's kernel over vLLM's cache;
-- `DraftTreeLayer` (tree mode): the nodes' keys and values go to scratch
-  rows and the nodes attend to their context and their path.
+- a tree layer (tree mode, `trees.drafting.DraftTreeLayer`), which carries
+  its own `attend_draft`: the nodes' keys and values go to scratch rows and the
+  nodes attend to their context and their path.
 Any other forward is vLLM's own, untouched.
 """
 
@@ -22,13 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_specextend.attention.draft_tree_attention import (
-    draft_tree_attention,
-    draft_tree_attention_cpu,
-)
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.rotation import move_back_
-from vllm_specextend.vllm_glue.tree_drafting import DraftTreeLayer
 from vllm_specextend.vllm_glue.working_cache import DraftStepPlan, WorkingCaches
 
 
@@ -47,8 +43,8 @@ class DraftAttention:
                 **kwargs):
         if isinstance(attn_metadata, DraftStepPlan):
             return self._split(layer, query, key, value, kv_cache, attn_metadata, output)
-        if isinstance(attn_metadata, DraftTreeLayer):
-            return self._tree_layer(layer, query, key, value, attn_metadata, output)
+        if hasattr(attn_metadata, "attend_draft"):  # a tree layer (tree mode only)
+            return attn_metadata.attend_draft(self, layer, query, key, value, output)
         return self.original_forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                      *args, **kwargs)
 
@@ -76,26 +72,6 @@ class DraftAttention:
                 output.new_empty((len(tokens), *output.shape[1:])))
         return output
 
-    def _tree_layer(self, layer, query, key, value, tree: DraftTreeLayer, output):
-        """The newest tree layer's nodes: to their attention positions, their
-        keys and values to scratch rows, then context + path attention."""
-        count = tree.num_actual_tokens
-        queries, keys = query[:count], key[:count]
-        move_back_(tree.node_offsets, self.backward, queries, keys)
-        scratch_keys, scratch_values = self.tree_scratch
-        scratch_keys[tree.node_rows] = keys
-        scratch_values[tree.node_rows] = value[:count]
-        context_keys, context_values = tree.context_of(self.name)
-        arguments = (queries, context_keys, context_values, tree.context_lens,
-                     tree.query_start_loc, scratch_keys[tree.path_rows],
-                     scratch_values[tree.path_rows], tree.path_lens, layer.impl.scale)
-        if queries.is_cuda:
-            out, _ = draft_tree_attention(*arguments)
-        else:
-            out = draft_tree_attention_cpu(*arguments)
-        output[:count] = out.to(output.dtype)
-        return output
-
 
 def install_draft_attention(layers: dict[str, object], backward: torch.Tensor,
                             caches: WorkingCaches | None, main_window: int | None,
@@ -106,8 +82,6 @@ def install_draft_attention(layers: dict[str, object], backward: torch.Tensor,
     for name, layer in layers.items():
         if main_window is not None:
             set_sliding_window(layer.impl, main_window)
-        if hasattr(layer.impl, "verifies"):  # the HTA backend: verification is the target's
-            replace_on_instance(layer.impl, "verifies", False, "the draft verifies nothing")
         attention = DraftAttention(name, layer.impl.forward, backward, caches,
                                    (tree_scratch or {}).get(name))
         replace_on_instance(layer.impl, "forward", attention.forward,

@@ -1,6 +1,9 @@
 """Worker processes: pick up the settings sent with the VllmConfig, log them
 once, install SpecExtend's proposer in the runner, and hook the runner's
-step for the speculation policy (timing, accepted drafts, picks)."""
+step: for the speculation policy (timing, accepted drafts, picks) and for
+HTA verification (the step's rows planned after `_prepare_inputs`, trees
+accepted in `_sample`). Each hook asks the runner's proposer; a runner
+without one runs vLLM's step untouched."""
 
 from __future__ import annotations
 
@@ -28,14 +31,10 @@ def wrap_runner_init(original):
         ACTIVE["worker"] = True
         if settings.verifies_with_hta:
             # Before the model builds its attention layers.
-            from vllm_specextend.vllm_glue.tree_attention_backend import (
-                register_hybrid_tree_backend,
-            )
+            from vllm_specextend.vllm_glue.trees.backend import register_hybrid_tree_backend
 
             register_hybrid_tree_backend()
         original(self, *args, **kwargs)
-        replace_on_instance(self, "specextend_config", settings,
-                            "the SpecExtend settings of this runner", adding=True)
         if hasattr(self, "drafter"):  # the last pipeline stage
             install_proposer(self, settings)
             # vLLM skips drafting for a whole batch when one request is
@@ -86,6 +85,36 @@ def wrap_sample_tokens(original):
         return output
 
     return sample_tokens
+
+
+def _verification_of(runner):
+    proposer = proposer_of(runner)
+    return None if proposer is None else proposer.verification
+
+
+def wrap_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        verification = _verification_of(self)
+        if verification is not None:
+            _, spec_decode_metadata, _ = result
+            verification.plan(self, spec_decode_metadata)
+        return result
+
+    return _prepare_inputs
+
+
+def wrap_sample(original):
+    @functools.wraps(original)
+    def _sample(self, logits, spec_decode_metadata):
+        verification = _verification_of(self)
+        if verification is None:
+            return original(self, logits, spec_decode_metadata)
+        return verification.sample(self, logits, spec_decode_metadata,
+                                   functools.partial(original, self))
+
+    return _sample
 
 
 def wrap_take_draft_token_ids(original):

@@ -14,7 +14,6 @@ all), free the caches of requests that left and refresh the due ones
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import torch
@@ -36,13 +35,11 @@ from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
 from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
+from vllm_specextend.vllm_glue.logs import info_first, logger
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
-from vllm_specextend.vllm_glue.tree_drafting import TreeDrafter
-from vllm_specextend.vllm_glue.tree_step import TREE_STATE
 from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, WorkingCaches
 
-logger = logging.getLogger("vllm.specextend")
 MIB = 1 << 20
 
 
@@ -106,10 +103,20 @@ class SpecExtendProposer:
                 settings, self.geometry, capture, target_layer,
                 reader_for(target_layer, block_size, dtype, vllm_config.cache_config.cache_dtype),
                 block_size)
-        self.tree_drafter = None
-        if settings.tree:
-            self.tree_drafter = TreeDrafter(self, self.draft_layers, self.draft_reader, settings,
-                                            self.geometry.main_window, block_size)
+        self.verification = self.tree_drafter = None
+        if settings.verifies_with_hta:  # the trees package is opt-in
+            from vllm_specextend.vllm_glue.trees.drafting import TreeDrafter
+            from vllm_specextend.vllm_glue.trees.verification import TreeVerification
+
+            target_layers = {name: layer for name, layer in forward_context.items()
+                             if name not in self.draft_layers}
+            self.verification = TreeVerification(
+                settings, target_layers,
+                [] if self.retrieval is None else [self.retrieval.capture.queries])
+            if settings.tree:
+                self.tree_drafter = TreeDrafter(self, self.verification.step, self.draft_layers,
+                                                self.draft_reader, settings,
+                                                self.geometry.main_window, block_size)
         self.policy_hooks = self.catch_up = None
         if settings.adaptive:
             self.policy_hooks = PolicyHooks(
@@ -124,7 +131,6 @@ class SpecExtendProposer:
             self.metrics_file = MetricsFile(vllm_config.model_config.served_model_name)
         self.staging = HostStaging(self.max_num_tokens, device)
         self.rounds = 0
-        self._logged_first_working_caches = False
         self._log_allocations(scratch)
 
     def propose(self, num_speculative_tokens: int, *, target_token_ids: torch.Tensor,
@@ -177,8 +183,9 @@ class SpecExtendProposer:
                                                      draft_index=draft_index)
 
         positions = self.positions[: common_attn_metadata.num_actual_tokens]
-        plan = self.draft_round.plan_forward(builder_of, common_attn_metadata, positions,
-                                             draft_index)
+        plan, edits = self.draft_round.plan_forward(builder_of, common_attn_metadata,
+                                                    positions, draft_index)
+        edits.apply(positions, common_attn_metadata.slot_mapping)
         return [plan], dict.fromkeys(group.layer_names, plan)
 
     def _refresh_and_plan(self, metadata, query_indices: torch.Tensor,
@@ -213,11 +220,10 @@ class SpecExtendProposer:
         self.counters.working_cache_request_rounds += len(draft_round.compact_rows)
         while self.refresh_times and self.clock.done(self.refresh_times[0][1]):
             self.counters.refresh_seconds += self.clock.seconds(*self.refresh_times.pop(0))
-        if not self._logged_first_working_caches and draft_round.uses_working_caches:
-            self._logged_first_working_caches = True
-            logger.info("SpecExtend: first working caches filled (%d of %d requests past "
-                        "%d tokens)", len(draft_round.compact_rows), num_reqs,
-                        self.geometry.retrieval_min_len)
+        if draft_round.uses_working_caches:
+            info_first("SpecExtend: first working caches filled (%d of %d requests past "
+                       "%d tokens)", len(draft_round.compact_rows), num_reqs,
+                       self.geometry.retrieval_min_len)
         return draft_round
 
     def _refresh(self, metadata, query_indices, target_positions, rows: np.ndarray,
@@ -275,7 +281,8 @@ class SpecExtendProposer:
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
             self.catch_up.stale.forget(req_id)
-        TREE_STATE.proposed.pop(req_id, None)
+        if self.verification is not None:
+            self.verification.forget(req_id)
         # vLLM dropped it already: with the last one gone, the totals are final.
         self.publish_metrics(force=not self.runner.requests)
 
@@ -284,7 +291,8 @@ class SpecExtendProposer:
         working caches' counters and the speculation policy's."""
         state = {"working_cache_holders": len(self.owners.holder) if self.owners else 0,
                  "working_caches": self.caches.num_caches if self.caches else 0,
-                 "proposed_trees": len(TREE_STATE.proposed),
+                 "proposed_trees": (len(self.verification.step.proposed)
+                                    if self.verification is not None else 0),
                  **dataclasses.asdict(self.counters)}
         if self.policy_hooks is not None:
             state.update(self.policy_hooks.state() | self.catch_up.state())

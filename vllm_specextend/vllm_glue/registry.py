@@ -13,7 +13,9 @@ from vllm_specextend.vllm_glue.patching import Patch
 from vllm_specextend.vllm_glue.processes import (
     add_worker_state,
     wrap_execute_model,
+    wrap_prepare_inputs,
     wrap_runner_init,
+    wrap_sample,
     wrap_sample_tokens,
     wrap_take_draft_token_ids,
 )
@@ -22,7 +24,6 @@ from vllm_specextend.vllm_glue.sampling import (
     wrap_expand_batch_to_tokens,
     wrap_validate_params,
 )
-from vllm_specextend.vllm_glue.tree_verification import wrap_prepare_inputs, wrap_sample
 
 PATCHES = [
     Patch(
@@ -66,7 +67,8 @@ PATCHES = [
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner._prepare_inputs",
         wrap_prepare_inputs,
-        "tree mode: nodes at tree positions, the step's ancestor masks for HTA",
+        "HTA verification: the step's rows (trees at tree positions, or chains) planned "
+        "once for every target layer",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner",

@@ -20,8 +20,6 @@ lengths vLLM keeps on the host; every tensor shape follows from it.
 from __future__ import annotations
 
 import dataclasses
-import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,8 +32,6 @@ from vllm_specextend.retrieval.draft_rows import RowSplit, TokenSplit, query_sta
 from vllm_specextend.retrieval.ownership import NO_CACHE
 from vllm_specextend.retrieval.working_cache import WorkingCacheLayout
 from vllm_specextend.vllm_glue.rotation import move_back_
-
-logger = logging.getLogger("vllm.specextend")
 
 
 class WorkingCaches:
@@ -114,7 +110,7 @@ def _dense_view_like(storage: torch.Tensor, like: torch.Tensor, num_blocks: int)
     return torch.as_strided(storage, shape, strides)
 
 
-@dataclass
+@dataclasses.dataclass
 class DraftStepPlan:
     """Attention metadata of one draft forward with working caches, shared by
     every draft layer (in place of vLLM's, in the forward context)."""
@@ -166,30 +162,26 @@ class DraftRound:
             for field in TOKEN_INDICES})
 
     def plan_forward(self, builder_of, cad: CommonAttentionMetadata, positions: torch.Tensor,
-                     draft_index: int) -> DraftStepPlan:
+                     draft_index: int) -> tuple[DraftStepPlan, "VllmBufferEdits"]:
         """Split one draft forward's batch; `builder_of(sub_cad)` builds vLLM's
         metadata of a sub-batch, once for every layer. `positions` is the
         proposer's position buffer of the forward: true positions in the
         first pass, whose tokens vLLM caches at their true slots and the
         working cache at compact ones; in the first draft step the rows with
-        working caches move to their compact positions there, and vLLM's own
-        step update advances them from then on, so its RoPE rotates their
-        queries and keys for the working cache directly."""
+        working caches move to their compact positions there (the returned
+        edits), and vLLM's own step update advances them from then on, so
+        its RoPE rotates their queries and keys for the working cache
+        directly."""
         split = self.first_pass if draft_index == 0 else self.steps
         capacity = self.caches.geometry.capacity
         tokens, token_rows = split.compact_tokens, split.compact_token_rows
         offsets = self.compact_offsets[token_rows]
-        if draft_index == 1:
-            positions[tokens] -= offsets
-        compact_positions = positions[tokens] - (offsets if draft_index == 0 else 0)
+        at_true_positions = draft_index <= 1
+        compact_positions = positions[tokens] - (offsets if at_true_positions else 0)
         writable = (cad.slot_mapping[tokens] >= 0) & (compact_positions >= 0) & (
             compact_positions < capacity)
         compact_slots = torch.where(writable, self.compact_bases[token_rows] + compact_positions,
                                     NO_CACHE)
-        if draft_index > 0:
-            # A drafted token is rewritten by the next first pass once
-            # verified: in vLLM's cache it would be a wasted write.
-            cad.slot_mapping[tokens] = NO_CACHE
         compact = builder_of(sub_batch_metadata(
             split.query_lens[self.compact_rows], split.compact_query_start_loc,
             cad.seq_lens[self.compact_rows_device] - self.compact_offsets,
@@ -201,10 +193,31 @@ class DraftRound:
                 cad.seq_lens[self.main_rows_device],
                 cad.block_table_tensor[self.main_rows_device],
                 cad.slot_mapping[split.main_tokens], cad.max_seq_len))
-        return DraftStepPlan(
+        plan = DraftStepPlan(
             num_actual_tokens=split.num_tokens, main=main, main_tokens=split.main_tokens,
             compact=compact, compact_tokens=tokens, compact_slots=compact_slots,
             compact_offsets=offsets if draft_index == 0 else None)
+        # A drafted token is rewritten by the next first pass once verified:
+        # in vLLM's cache it would be a wasted write.
+        edits = VllmBufferEdits(tokens, compact_positions if draft_index == 1 else None,
+                                drop_cache_writes=draft_index > 0)
+        return plan, edits
+
+
+@dataclasses.dataclass
+class VllmBufferEdits:
+    """What one draft forward with working caches changes in the proposer's
+    per-token buffers before it runs (the caller writes them)."""
+
+    tokens: torch.Tensor  # the compact rows' token indices
+    positions: torch.Tensor | None  # their new (compact) positions, if they move
+    drop_cache_writes: bool  # their keys go to no slot of vLLM's cache
+
+    def apply(self, positions: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self.positions is not None:
+            positions[self.tokens] = self.positions
+        if self.drop_cache_writes:
+            slot_mapping[self.tokens] = NO_CACHE
 
 
 def sub_batch_metadata(query_lens: np.ndarray, query_start_loc: torch.Tensor,

@@ -13,18 +13,21 @@ allocated with the models, never to vLLM's cache.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from vllm.forward_context import set_forward_context
 
+from vllm_specextend.attention.draft_tree_attention import (
+    draft_tree_attention,
+    draft_tree_attention_cpu,
+)
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.paged_cache import slots_of
-from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, child_paths
-from vllm_specextend.vllm_glue.tree_step import TREE_STATE, ProposedTree
-
-logger = logging.getLogger("vllm.specextend")
+from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, grow_tree
+from vllm_specextend.vllm_glue.logs import info_first
+from vllm_specextend.vllm_glue.rotation import move_back_
+from vllm_specextend.vllm_glue.trees.step import ProposedTree, TreeStep
 
 
 class TreeContext:
@@ -80,18 +83,33 @@ class DraftTreeLayer:
     path_rows: torch.Tensor  # [tokens, depth] scratch rows of depth 1 .. the node
     path_lens: torch.Tensor  # [tokens]
 
-    @property
-    def context_lens(self) -> torch.Tensor:
-        return self.context.lens
-
-    def context_of(self, name: str):
-        return self.context.read(name)
+    def attend_draft(self, attention, layer, query, key, value, output):
+        """One draft layer (`draft_attention.DraftAttention`): the nodes to
+        their attention positions, their keys and values to scratch rows,
+        then context + path attention."""
+        count = self.num_actual_tokens
+        queries, keys = query[:count], key[:count]
+        move_back_(self.node_offsets, attention.backward, queries, keys)
+        scratch_keys, scratch_values = attention.tree_scratch
+        scratch_keys[self.node_rows] = keys
+        scratch_values[self.node_rows] = value[:count]
+        context_keys, context_values = self.context.read(attention.name)
+        arguments = (queries, context_keys, context_values, self.context.lens,
+                     self.query_start_loc, scratch_keys[self.path_rows],
+                     scratch_values[self.path_rows], self.path_lens, layer.impl.scale)
+        if queries.is_cuda:
+            out, _ = draft_tree_attention(*arguments)
+        else:
+            out = draft_tree_attention_cpu(*arguments)
+        output[:count] = out.to(output.dtype)
+        return output
 
 
 class TreeDrafter:
-    def __init__(self, proposer, layers: dict[str, object], reader,
+    def __init__(self, proposer, tree_step: TreeStep, layers: dict[str, object], reader,
                  settings: SpecExtendConfig, main_window: int, block_size: int):
         self.proposer = proposer
+        self.tree_step = tree_step
         self.layers = layers
         self.reader = reader
         self.nodes = settings.tree_nodes
@@ -99,7 +117,6 @@ class TreeDrafter:
         self.threshold = settings.tree_threshold
         self.main_window = main_window
         self.block_size = block_size
-        self.trees_drafted = 0
 
     def propose(self, req_ids: list[str], round_, target_token_ids, target_positions,
                 next_token_ids, token_indices_to_sample, common_attn_metadata,
@@ -112,13 +129,11 @@ class TreeDrafter:
                               root_positions, self.main_window, self.block_size)
         tree = self._grow(root_hidden, root_positions, context)
         num_nodes = tree.num_nodes.tolist()
-        TREE_STATE.proposed = {
+        self.tree_step.proposed = {
             req_id: ProposedTree(tree.depths[row, :count], tree.parents[row, :count])
             for row, (req_id, count) in enumerate(zip(req_ids, num_nodes))
         }
-        if self.trees_drafted == 0:
-            logger.info("SpecExtend: drafted the first trees (%s nodes)", num_nodes)
-        self.trees_drafted += len(req_ids)
+        info_first("SpecExtend: drafted the first trees (%s nodes)", num_nodes)
         return [tokens[:count] for tokens, count in zip(tree.tokens.tolist(), num_nodes)]
 
     def _first_pass(self, target_token_ids, target_positions, next_token_ids,
@@ -142,19 +157,12 @@ class TreeDrafter:
 
     def _grow(self, root_hidden, root_positions, context: TreeContext) -> DraftTree:
         batch, nodes, device = root_hidden.shape[0], self.nodes, root_hidden.device
-        # Scratch row of (request, depth, node): one block of `nodes` per layer.
-        request_base = torch.arange(batch, device=device)[:, None] * (self.max_depth * nodes)
         # vLLM's rotary kernel reads positions as a dense array.
         node_offsets = context.row_offsets[:, None].expand(-1, nodes).contiguous().flatten()
-        builder = DynamicTreeBuilder(batch, nodes, self.max_depth, self.threshold, device)
-        tokens = builder.add_layer(self._draft_probs(root_hidden)[:, None, :])
-        paths = torch.empty(batch, 1, 0, dtype=torch.long, device=device)
         query_start_loc = torch.arange(batch + 1, device=device, dtype=torch.int32) * nodes
         layer_names = list(self.layers)
-        while not builder.done():
-            depth = builder.depth
-            node_rows = request_base + (depth - 1) * nodes + torch.arange(nodes, device=device)
-            paths = child_paths(paths, builder.frontier_parents, node_rows)
+
+        def draft_layer(depth, tokens, node_rows, paths):
             layer = DraftTreeLayer(
                 num_actual_tokens=batch * nodes, node_offsets=node_offsets,
                 node_rows=node_rows.flatten(), context=context,
@@ -166,6 +174,7 @@ class TreeDrafter:
                                      slot_mapping={}):
                 hidden = self.proposer.model(input_ids=tokens.flatten().int(),
                                              inputs_embeds=None, positions=positions)
-            tokens = builder.add_layer(self._draft_probs(hidden).view(batch, nodes, -1))
-        return builder.finish()
+            return self._draft_probs(hidden).view(batch, nodes, -1)
 
+        builder = DynamicTreeBuilder(batch, nodes, self.max_depth, self.threshold, device)
+        return grow_tree(builder, self._draft_probs(root_hidden), draft_layer)

@@ -1,6 +1,7 @@
-"""What one worker's runner knows of its trees, shared with the target's
-attention layers (vLLM builds those and hands them only its own metadata;
-a worker process runs one model runner)."""
+"""What one step hands on: the trees the draft proposed, and the rows the
+target verifies with Hybrid Tree Attention, planned once per step by the
+runner and read by every target layer (vLLM hands those layers only its
+own metadata, so they hold the `TreeStep` they were given at load)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from vllm_specextend.tree.dynamic_tree import DraftTree
 
 @dataclass
 class ScheduledTrees:
-    """This step's tree rows: planned once by the runner, read by every
-    target layer."""
+    """This step's rows verified with HTA (trees, or chains as path-shaped
+    trees): planned once by the runner, read by every target layer."""
 
     rows: torch.Tensor  # [num_trees] request rows of the batch
     tokens: torch.Tensor  # the rows' scheduled token indices (root, then nodes)
@@ -33,10 +34,9 @@ class ProposedTree:
 
 
 @dataclass
-class TreeState:
+class TreeStep:
+    """Owned by the runner's proposer: the drafted trees by request (tree
+    mode), and this step's verification rows (None: vLLM's kernel alone)."""
+
     proposed: dict[str, ProposedTree] = field(default_factory=dict)
     scheduled: ScheduledTrees | None = None
-    logged_first_compaction: bool = False
-
-
-TREE_STATE = TreeState()
