@@ -74,6 +74,12 @@ def test_quantized_kv_cache_is_refused(tiny_pair):
         start(tiny_pair, engine_kwargs={"kv_cache_dtype": "fp8"})
 
 
+def test_pipeline_parallelism_is_refused(tiny_pair):
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"pipeline_parallel_size=2: .*tensor_parallel_size"):
+        start(tiny_pair, engine_kwargs={"pipeline_parallel_size": 2})
+
+
 def test_unsupported_draft_model(tiny_pair, gpt2_draft):
     with pytest.raises(SpecExtendConfigError, match=r"speculative_config\.model: .*'gpt2'"):
         start(tiny_pair, draft=gpt2_draft)

@@ -296,9 +296,16 @@ def _check_auxiliary_layers(head: dict, num_layers: int) -> None:
 
 
 def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
-    """The SpecExtend settings carried by an engine config; None if off."""
+    """The SpecExtend settings carried by an engine config; None if off. The
+    one way to ask, in any process; validated once per distinct settings
+    (the front end asks for every request)."""
     raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    return None if raw is None else SpecExtendConfig.from_settings(raw)
+    return None if raw is None else _validated(json.dumps(raw, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _validated(settings_json: str) -> SpecExtendConfig:
+    return SpecExtendConfig.from_settings(json.loads(settings_json))
 
 
 def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
@@ -352,6 +359,12 @@ def wrap_create_engine_config(original):
     def create_engine_config(self, *args, **kwargs):
         if _requested_method(self) != METHOD_NAME:
             return original(self, *args, **kwargs)
+        if self.pipeline_parallel_size > 1:
+            raise SpecExtendConfigError(
+                f"pipeline_parallel_size={self.pipeline_parallel_size}: SpecExtend's "
+                f"proposer lives in the last stage's runner, and its verification plan does "
+                f"not reach the other stages' layers; split the target with "
+                f"tensor_parallel_size instead")
         settings = _take_specextend_settings(self)
         vllm_config = original(self, *args, **kwargs)
         settings = _resolve_adaptive(settings, vllm_config)
