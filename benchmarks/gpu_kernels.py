@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -197,7 +196,6 @@ def tree_inputs(bench: Bench, nodes: int, batch: int, context: int, heads, kv_he
 
 def tree_attention(bench: Bench, shapes: dict, results: dict) -> None:
     """HTA (and its parts) and the draft's tree attention."""
-    torch = bench.torch
     from vllm_specextend.attention.hybrid_tree_attention import (
         hybrid_tree_attention,
         merge_attention_states,

@@ -5,7 +5,7 @@ a request's text turns predictable."""
 
 import pytest
 
-from conftest import MIXED_PROMPT_LENGTHS, run_engine
+from conftest import run_engine
 from vllm_specextend.metrics import METRICS
 from policy_drafts import (
     PHASED_MAX_TOKENS,
