@@ -5,11 +5,15 @@ for which Cross-model Retrieval is meant.
     python benchmarks/train_eagle3_head.py [--windows 128] [--epochs 3] [--resume]
     python benchmarks/train_eagle3_head.py --pair tiny --windows 4 --epochs 1   # smoke
 
-1. Collect, once: the 16K GovReport and PG-19 documents (never measured:
-   the benchmarks read the 1K-8K files, other documents) cut into windows
-   of 2,048 target tokens; for each, the target's hidden states at the
-   three layers vLLM feeds an EAGLE-3 head (vLLM's default (2, n/2, n-3))
-   and its top-16 next-token distribution, from transformers in bf16.
+1. Collect, once (resumable: a file per window): windows of 2,048 target
+   tokens, first from the 16K GovReport and PG-19 documents (never
+   measured: the benchmarks read the 1K-8K files, other documents; about
+   640K tokens), then, for more, from what every Python ships: its
+   documentation topics (`pydoc_data`, prose) and its standard library's
+   modules (code, tests left out). For each window, the target's hidden
+   states at the three layers vLLM feeds an EAGLE-3 head (vLLM's default
+   (2, n/2, n-3)) and its top-16 next-token distribution, from
+   transformers in bf16.
 2. Train, resumably (a checkpoint every `--checkpoint-every` steps): one
    Llama decoder layer as vLLM runs it (`models.eagle3`), fed the target's
    embeddings (frozen; vLLM shares them) and `fc` of the three hidden
@@ -21,7 +25,8 @@ for which Cross-model Retrieval is meant.
    the lm_head is the target's rows of that vocabulary, frozen.
 3. Save the head in vLLM's format under ~/.cache/vllm_specextend/models/
    (`SPECEXTEND_CACHE` moves it) with the sha256 of its weights in
-   `specextend_head.json`; print the folder (pass it as --draft).
+   `specextend_head.json`, with the data, steps, wall time and the loss of
+   every step; print the folder (pass it as --draft).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import argparse
 import hashlib
 import json
 import math
+import platform
+import sysconfig
 import time
 from pathlib import Path
 
@@ -49,26 +56,64 @@ TRAINING_FILES = ("govreport/govreport_16K.jsonl", "pg19/pg19_16K.jsonl")
 TOP_K = 16
 
 
-def windows_of(tokenizer, window_len: int, count: int) -> list[list[int]]:
-    """Non-overlapping windows of the training documents' tokens."""
-    windows = []
-    for name in TRAINING_FILES:
-        for line in (DATA / name).read_text().splitlines():
-            ids = tokenizer(json.loads(line)["text"])["input_ids"]
-            windows += [ids[i:i + window_len] for i in range(0, len(ids) - window_len + 1,
-                                                            window_len)]
-    # Interleave the two sources, then keep `count`.
-    return (windows[::2] + windows[1::2])[:count]
+def document_texts() -> list[str]:
+    """The 16K GovReport and PG-19 documents, the two sources interleaved."""
+    by_file = [[json.loads(line)["text"] for line in (DATA / name).read_text().splitlines()]
+               for name in TRAINING_FILES]
+    return [text for pair in zip(*by_file) for text in pair]
+
+
+def python_documentation() -> list[str]:
+    """Python's documentation topics (prose), in one text."""
+    from pydoc_data.topics import topics
+
+    return ["\n\n".join(topics[name] for name in sorted(topics))]
+
+
+def standard_library_code() -> list[str]:
+    """The standard library's modules (not its tests), in one text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in root.rglob("*.py")
+                   if not {"site-packages", "test", "tests", "idle_test"} & set(
+                       path.relative_to(root).parts))
+    return ["".join(f"# {path.relative_to(root)}\n{path.read_text(errors='replace')}\n"
+                    for path in files)]
+
+
+# Training text in the order windows are taken from it.
+SOURCES = (("govreport+pg19 16K", document_texts),
+           ("python documentation topics", python_documentation),
+           ("python standard library", standard_library_code))
+
+
+def windows_of(tokenizer, window_len: int, count: int) -> tuple[list[list[int]], dict]:
+    """`count` non-overlapping windows of the training text's tokens, and how
+    many each source gave."""
+    windows, per_source = [], {}
+    for source, texts in SOURCES:
+        if len(windows) == count:
+            break
+        per_source[source] = 0
+        for text in texts():
+            ids = tokenizer(text)["input_ids"]
+            starts = range(0, len(ids) - window_len + 1, window_len)
+            taken = [ids[start:start + window_len] for start in starts][: count - len(windows)]
+            windows += taken
+            per_source[source] += len(taken)
+            if len(windows) == count:
+                break
+    return windows, per_source
 
 
 @torch.no_grad()
-def collect(target_dir: str, folder: Path, window_len: int, count: int) -> list[Path]:
+def collect(target_dir: str, folder: Path, window_len: int, count: int
+            ) -> tuple[list[Path], dict]:
     """The target's aux hidden states and top-k distribution per window."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    windows = windows_of(tokenizer, window_len, count)
+    windows, per_source = windows_of(tokenizer, window_len, count)
     paths = [folder / f"window_{i:04d}.pt" for i in range(len(windows))]
     todo = [(i, w) for i, w in enumerate(windows) if not paths[i].exists()]
     if todo:
@@ -86,7 +131,7 @@ def collect(target_dir: str, folder: Path, window_len: int, count: int) -> list[
                         "top_probs": top.values.to(torch.bfloat16)}, paths[i])
             print(f"collected window {i} ({done + 1}/{len(todo)}) in "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
-    return paths
+    return paths, per_source
 
 
 def draft_vocabulary(paths: list[Path], size: int, vocab_size: int) -> torch.Tensor:
@@ -231,7 +276,8 @@ def main() -> None:
         target_dir = prepare_pair().target
     name = f"eagle3-{Path(target_dir).parent.name}-{args.window_len}"
     folder = Path(args.out) if args.out else default_cache_dir() / name
-    paths = collect(target_dir, folder / "collected", args.window_len, args.windows)
+    paths, per_source = collect(target_dir, folder / "collected", args.window_len,
+                                args.windows)
 
     from safetensors import safe_open
 
@@ -253,16 +299,21 @@ def main() -> None:
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(
             s / total_steps, 1.0))))
     checkpoint = folder / "checkpoint.pt"
-    step = 0
+    step, losses, minutes_before = 0, [], 0.0
     if args.resume and checkpoint.exists():
         state = torch.load(checkpoint)
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        step = state["step"]
+        step, losses = state["step"], state["losses"]
+        minutes_before = state["training_minutes"]
         print(f"resumed at step {step}", flush=True)
     order = torch.randperm(total_steps, generator=torch.Generator().manual_seed(1)) % len(paths)
-    began, losses = time.perf_counter(), []
+    began = time.perf_counter()
+
+    def training_minutes() -> float:
+        return minutes_before + (time.perf_counter() - began) / 60
+
     while step < total_steps and time.perf_counter() - began < 60 * args.max_minutes:
         window = torch.load(paths[int(order[step])])
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -278,7 +329,8 @@ def main() -> None:
               f"({time.perf_counter() - began:.0f} s)", flush=True)
         if step % args.checkpoint_every == 0 or step == total_steps:
             torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step}, checkpoint)
+                        "schedule": schedule.state_dict(), "step": step, "losses": losses,
+                        "training_minutes": training_minutes()}, checkpoint)
 
     tensors = {key: value.detach().float() for key, value in head.state_dict().items()}
     tensors["lm_head.weight"] = lm_head.float()
@@ -287,9 +339,11 @@ def main() -> None:
     head_dir = folder / "head"
     save_eagle3_head(head_dir, config, tensors)
     stamp = {"target": target_dir, "training_files": list(TRAINING_FILES),
-             "windows": len(paths), "window_len": args.window_len, "steps": step,
-             "ttt_steps": args.ttt_steps, "training_minutes": (time.perf_counter() - began) / 60,
-             "last_losses": losses[-10:],
+             "windows_per_source": per_source, "python": platform.python_version(),
+             "windows": len(paths), "window_len": args.window_len,
+             "tokens": len(paths) * args.window_len, "steps": step,
+             "total_steps": total_steps, "ttt_steps": args.ttt_steps,
+             "training_minutes": training_minutes(), "losses": losses,
              "sha256": sha256_of(head_dir / "model.safetensors")}
     (head_dir / "specextend_head.json").write_text(json.dumps(stamp, indent=1))
     print(f"head: {head_dir}\n{json.dumps(stamp)}")

@@ -116,3 +116,18 @@ def test_profile_step_smoke(tmp_path):
     assert all(ms >= 0 for ms in parts.values()), parts
     assert parts["target forward"] > 0 and parts["draft forwards"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_head_training_smoke_and_resume(tmp_path):
+    """The EAGLE-3 trainer on the tiny target: collects, trains, saves a head
+    with its data, steps and loss curve; a resumed run continues from its
+    checkpoint."""
+    args = ("--pair", "tiny", "--windows", 2, "--window-len", 64, "--ttt-steps", 2,
+            "--checkpoint-every", 1, "--out", tmp_path)
+    run("train_eagle3_head.py", *args, "--epochs", 1)
+    stamp = json.loads((tmp_path / "head/specextend_head.json").read_text())
+    assert stamp["steps"] == 2 and len(stamp["losses"]) == 2 and stamp["tokens"] == 128
+    assert stamp["windows_per_source"] == {"govreport+pg19 16K": 2}
+    run("train_eagle3_head.py", *args, "--epochs", 2, "--resume")
+    resumed = json.loads((tmp_path / "head/specextend_head.json").read_text())
+    assert resumed["steps"] == 4 and resumed["losses"][:2] == stamp["losses"]

@@ -184,3 +184,19 @@ def test_benchmarks_import_only_what_their_install_brings():
                 if not {canonicalize_name(d) for d in providers.get(top, [])} & installed:
                     missing.setdefault(script, set()).add(top)
     assert len(scripts) >= 8 and not missing, missing
+
+
+def test_head_training_text_takes_the_documents_then_python():
+    """Windows come from the 16K documents first; past them, from Python's
+    documentation topics, then its standard library."""
+    import train_eagle3_head as trainer
+
+    def words(text):
+        return {"input_ids": text.split()}
+
+    everything, per_source = trainer.windows_of(words, 4096, 10 ** 6)
+    documents, topics, code = per_source.values()
+    assert documents > 0 and topics > 0 and code > 0
+    fewer, split = trainer.windows_of(words, 4096, documents + 1)
+    assert split == {"govreport+pg19 16K": documents, "python documentation topics": 1}
+    assert fewer == everything[: documents + 1]
