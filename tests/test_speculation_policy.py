@@ -331,30 +331,3 @@ def test_a_new_request_aside_on_the_engines_rate_probes_soon():
     assert picks[0] == 0, picks  # aside on the pooled rate
     back = next(step for step, pick in enumerate(picks) if pick > 1)
     assert back <= 12, picks
-
-
-def test_a_probe_is_priced_net_of_what_its_acceptance_returns():
-    """Costs measured on GovReport 8K (Qwen pair, CPU): drafting one token
-    costs 0.72 of a step; a probe accepted at 75% returns about that."""
-    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
-    costs = StepCosts((0.25, 0.43, 0.56, 0.68, 0.8), 0.0)
-    waits = [policy._affordable_wait(costs, rate) for rate in (0.0, 0.5, 0.75)]
-    assert 23 <= waits[0] <= 25 and waits[0] > waits[1] > waits[2] == policy.probe_every
-
-
-def test_a_good_request_missing_one_probe_is_probed_again_soon():
-    """After a failed probe a request whose drafts were mostly accepted
-    waits a few rounds; one whose drafts fail waits the budget's long wait."""
-    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
-    simulate(policy, lambda step: 0.9, policy.warmup_rounds, costs=CPU_COSTS_SKIPPING)
-    waits = {}
-    for req_id, rate in (("good", 0.95), ("poor", 0.0)):
-        slots = policy.acceptance.slots([req_id])
-        for _ in range(10):  # its recent steps, four drafts each
-            accepted = np.array([4 if rate > 0.5 else 0])
-            policy.acceptance.observe(slots, np.array([4]), accepted)
-        policy.probing.add(req_id)
-        policy.probe_wait[req_id] = 1
-        policy.observe_step([req_id], np.array([1]), np.array([0]))  # the probe missed
-        waits[req_id] = policy.probe_wait[req_id]
-    assert waits["good"] <= policy.probe_every < waits["poor"], waits

@@ -11,13 +11,10 @@ drafting round, how many tokens every request drafts.
   Its new tokens still reach the draft (the next round that runs the draft
   reads them: `stale_drafts`). Now and then it drafts one token, a probe.
   A probe costs a round that runs the draft (S(1) against S(0): on long
-  contexts nearly a second target step) less the step its draft saves
-  when accepted (the request's own first-position rate), so failed probes
-  may take at most `probe_budget` of the time: the wait after one is the
-  longer of twice the last wait and what the budget allows at that net
-  cost, from `probe_every` up to `max_probe_every` rounds. A request whose
-  drafts are mostly accepted and that misses once is probed again within
-  a few rounds; one whose drafts fail waits long (the first
+  contexts nearly a second target step) for what its acceptance returns,
+  so failed probes may take at most `probe_budget` of the time: the wait
+  after one is the longer of twice the last wait and what the budget
+  allows, from `probe_every` up to `max_probe_every` rounds (the first
   probe comes after `probe_every`: a request that stepped aside before it
   drafted did so on other requests' acceptance). An accepted
   probe brings the next one to the next round, so a request whose text
@@ -153,23 +150,18 @@ class SpeculationPolicy:
         for req_id, hit in zip(ids, accepted[verified] > 0):
             if req_id in self.probing:
                 self.probing.discard(req_id)
-                if hit:
-                    self.probe_wait[req_id] = 1
-                    continue
                 wait = self.probe_wait.get(req_id, self.probe_every)
-                [first_rate] = self.acceptance.rates(self.acceptance.slots([req_id]))[:, 0]
-                self.probe_wait[req_id] = min(
-                    max(2 * wait, self._affordable_wait(self.current_costs(), first_rate)),
+                self.probe_wait[req_id] = 1 if hit else min(
+                    max(2 * wait, self._affordable_wait(self.current_costs())),
                     self.max_probe_every)
 
-    def _affordable_wait(self, costs: StepCosts, first_rate: float = 0.0) -> int:
+    def _affordable_wait(self, costs: StepCosts) -> int:
         """Rounds between failed probes for them to take at most
         `probe_budget` of the time: a probe round costs S(1) - S(0) more,
-        and catching the draft up, less the step its draft saves when
-        accepted (at the request's first-position rate `first_rate`)."""
+        and catching the draft up."""
         steps = costs.step_by_round_length
-        cost = max(steps[1] - steps[0], 0.0) + (self.catch_up_seconds or 0.0)
-        extra = max(cost / max(steps[0], 1e-9) - first_rate, 0.0)
+        extra = (max(steps[1] - steps[0], 0.0) + (self.catch_up_seconds or 0.0)) / max(
+            steps[0], 1e-9)
         wait = int(np.ceil(extra / self.probe_budget))
         return int(np.clip(wait, self.probe_every, self.max_probe_every))
 
