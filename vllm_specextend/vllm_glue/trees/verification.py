@@ -25,6 +25,7 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from vllm_specextend.attention.hybrid_tree_attention import ancestor_bitmasks, chain_bitmasks
 from vllm_specextend.config import SpecExtendConfig
+from vllm_specextend.retrieval.draft_rows import concatenated_ranges, query_starts
 from vllm_specextend.tree.compaction import compaction_moves
 from vllm_specextend.tree.dynamic_tree import DraftTree, accept_path
 from vllm_specextend.tree.verification import accepted_first_order, verification_layout
@@ -74,12 +75,12 @@ class TreeVerification:
             return None
         nodes = drafts[rows] + 1  # the root (last verified token), then the drafts
         roots = runner.query_start_loc.np[rows + 1] - nodes
-        tree_start_loc = np.concatenate([[0], np.cumsum(nodes)])
-        local = np.arange(tree_start_loc[-1]) - np.repeat(tree_start_loc[:-1], nodes)
+        tokens, _ = concatenated_ranges(roots, nodes)
+        local = tokens - np.repeat(roots, nodes)  # each node's index in its chain
         return ScheduledTrees(
-            rows=torch.from_numpy(rows), tokens=torch.from_numpy(np.repeat(roots, nodes) + local),
+            rows=torch.from_numpy(rows), tokens=torch.from_numpy(tokens),
             prefix_lens=torch.from_numpy(cached[rows].astype(np.int64)),
-            tree_start_loc=torch.from_numpy(tree_start_loc),
+            tree_start_loc=torch.from_numpy(query_starts(nodes)),
             ancestor_masks=chain_bitmasks(torch.from_numpy(local)))
 
     def sample(self, runner, logits, spec_decode_metadata, vllm_sample) -> SamplerOutput:
