@@ -160,12 +160,7 @@ def test_settings_reach_the_workers(specextend_run):
     [worker_settings] = result["worker_settings"]  # one worker (TP=1)
     assert {k: worker_settings[k] for k in expected} == expected
     lines = log.splitlines()
-    # vLLM prefixes each line with its process: "(VllmWorker-0 pid=..)"
-    # before the worker renames itself "(Worker pid=..)".
-    from_worker = [l for l in lines if re.match(r"\((Vllm)?Worker", l)]
-    assert any("vllm-specextend plugin loaded" in l for l in from_worker)
-    settings = [l for l in from_worker
-                if "SpecExtend settings (worker)" in l and "top_k_chunks=4" in l]
+    settings = [l for l in lines if "SpecExtend settings (worker)" in l and "top_k_chunks=4" in l]
     assert len(settings) == 1, f"the worker logged its settings {len(settings)} times"
     front = [l for l in lines if "SpecExtend settings (front end)" in l]
     assert len(front) == 1

@@ -4,6 +4,8 @@ greedy ids equal the target alone's at the same parallelism, and both ranks
 keep the same chunks at every refresh (each scores with its own heads; the
 scores are averaged across ranks)."""
 
+import re
+
 import pytest
 
 from conftest import MIXED_PROMPT_LENGTHS, run_engine
@@ -42,6 +44,13 @@ def test_two_ranks_lossless_and_of_one_mind(tiny_pair, mixed_prompts, target_onl
     for length, expected, got in zip(MIXED_PROMPT_LENGTHS, target_only, result["token_ids"]):
         assert got == expected, f"prompt of {length} tokens diverged"
     assert "first working caches filled" in log
+    # Each rank's process loads the plugin and logs its settings once. vLLM
+    # prefixes a worker's lines "(VllmWorker-R pid=..)" until it renames
+    # itself "(Worker_TPR pid=..)".
+    def worker_lines(text):
+        return [l for l in log.splitlines() if re.match(r"\((Vllm)?Worker", l) and text in l]
+    assert len({l.split(")")[0] for l in worker_lines("vllm-specextend plugin loaded")}) == 2
+    assert len(worker_lines("SpecExtend settings (worker)")) == 2
     first_rank, second_rank = result["chunk_choices"]
     assert len(first_rank) > 2  # refreshes happened
     assert first_rank == second_rank
