@@ -10,7 +10,7 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
 
-from vllm_specextend.vllm_glue.kv_cache_reader import PackedCPUKVReader
+from vllm_specextend.vllm_glue.kv_cache_reader import PackedCPUKVReader, PlainKVReader
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,3 +32,16 @@ def test_reads_back_what_vllm_wrote(dtype, head_dim, block_size, num_kv_heads):
     impl.do_kv_cache_update(layer, keys, values, cache, slots)
     read_keys, read_values = reader.read(cache, slots)
     assert torch.equal(read_keys, keys) and torch.equal(read_values, values)
+    assert torch.equal(reader.read_keys(cache, slots), keys)
+
+
+def test_plain_reader_reads_keys_as_read_does():
+    generator = torch.Generator().manual_seed(0)
+    head_dim, block_size = 16, 8
+    cache = torch.randn(4, 2, block_size, 2 * head_dim, generator=generator)
+    reader = PlainKVReader(block_size, head_dim)
+    slots = torch.tensor([3, 17, 30, 8])
+    keys, values = reader.read(cache, slots)
+    assert torch.equal(reader.read_keys(cache, slots), keys)
+    assert torch.equal(keys[1], cache[2, :, 1, :head_dim])
+    assert torch.equal(values[1], cache[2, :, 1, head_dim:])

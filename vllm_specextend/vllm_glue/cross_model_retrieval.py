@@ -86,7 +86,7 @@ class CrossModelRetrieval:
         else:
             positions = torch.arange(max_len, device=query.device).expand(len(query), -1)
             slots = slots_of(block_table, positions, self.block_size)
-            keys, _ = self.target_reader.read(kv_cache, slots.flatten())
+            keys = self.target_reader.read_keys(kv_cache, slots.flatten())
             scores = chunk_scores_dense(query, keys.view(len(query), max_len, *keys.shape[1:]),
                                         context_lens, self.geometry.chunk_size, scale=scale)
         return _mean_over_tensor_parallel_ranks(scores)
