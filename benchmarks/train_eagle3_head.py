@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from machine import has_amx
 from vllm_specextend.models.eagle3 import (
     aux_hidden_state_layers,
     eagle3_head_config,
@@ -136,16 +137,6 @@ def collect(target_dir: str, folder: Path, window_len: int, count: int,
             print(f"collected window {i} ({done + 1}/{len(todo)}) in "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
     return paths, per_source
-
-
-def forward_dtype_for_this_cpu() -> torch.dtype:
-    """bf16 where the CPU multiplies bf16 matrices in AMX tiles; without
-    them fp32 runs faster than bf16 on these machines."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if "amx_bf16" in flags else torch.float32
 
 
 def draft_vocabulary(paths: list[Path], size: int, vocab_size: int) -> torch.Tensor:
@@ -293,7 +284,9 @@ def main() -> None:
         target_dir = prepare_pair().target
     name = f"eagle3-{Path(target_dir).parent.name}-{args.window_len}"
     folder = Path(args.out) if args.out else default_cache_dir() / name
-    collect_dtype = (forward_dtype_for_this_cpu() if args.collect_dtype == "auto"
+    # Without AMX, fp32 runs faster than bf16 on these machines.
+    auto_dtype = torch.bfloat16 if has_amx() else torch.float32
+    collect_dtype = (auto_dtype if args.collect_dtype == "auto"
                      else getattr(torch, args.collect_dtype))
     paths, per_source = collect(target_dir, folder / "collected", args.window_len,
                                 args.windows, collect_dtype)

@@ -55,18 +55,18 @@ class PackedCPUKVReader:
         self._offsets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def read(self, kv_cache: torch.Tensor, slots: torch.Tensor):
-        elements, (key_offsets, value_offsets) = self._flat(kv_cache)
-        return (self._gather(elements, kv_cache, slots, key_offsets),
-                self._gather(elements, kv_cache, slots, value_offsets))
+        elements, offsets = self._flat(kv_cache)
+        block_starts, inside = self._split(kv_cache, slots)
+        return tuple(_gather(elements, block_starts, part[inside]) for part in offsets)
 
     def read_keys(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         elements, (key_offsets, _) = self._flat(kv_cache)
-        return self._gather(elements, kv_cache, slots, key_offsets)
+        block_starts, inside = self._split(kv_cache, slots)
+        return _gather(elements, block_starts, key_offsets[inside])
 
-    def _gather(self, elements, kv_cache, slots, offsets) -> torch.Tensor:
-        block_starts = (slots // self.block_size) * kv_cache.stride(0)
-        index = block_starts[:, None, None] + offsets[slots % self.block_size]
-        return elements.index_select(0, index.flatten()).view(index.shape)
+    def _split(self, kv_cache: torch.Tensor, slots: torch.Tensor):
+        """Each slot's block's first element, and its token inside the block."""
+        return (slots // self.block_size) * kv_cache.stride(0), slots % self.block_size
 
     def _flat(self, kv_cache: torch.Tensor):
         """The cache's elements in one dimension from its first, and each
@@ -84,6 +84,13 @@ class PackedCPUKVReader:
         span = (num_blocks - 1) * strides[0] + sum(
             (size - 1) * stride for size, stride in zip(view.shape[1:], strides[1:])) + 1
         return view.as_strided((span,), (1,)), offsets
+
+
+def _gather(elements: torch.Tensor, block_starts: torch.Tensor,
+            offsets: torch.Tensor) -> torch.Tensor:
+    """elements[block_starts[n] + offsets[n, head, dim]], one index_select."""
+    index = block_starts[:, None, None] + offsets
+    return elements.index_select(0, index.flatten()).view(index.shape)
 
 
 def _probe_cpu_packing(isa, num_kv_heads, head_dim, block_size, dtype):
