@@ -40,6 +40,35 @@ def test_paper_settings_are_one_key_away():
         draft_max_positions=2048, num_speculative_tokens=4).retrieval_min_len == 512
 
 
+def test_a_smaller_working_cache_gives_requests_in_between_the_choice():
+    """The paper's working cache under a draft that reads 32K positions: it
+    is sized by working_cache_window, the sliding window by draft_window,
+    and contexts between the two may draft either way."""
+    geometry = SpecExtendConfig(working_cache_window=2048, top_k_chunks=32).geometry(
+        draft_max_positions=32768, num_speculative_tokens=4)
+    assert geometry.capacity == 1300 + 31 + 4
+    assert geometry.retrieval_min_len == 2048 - 20 - 4
+    assert geometry.whole_context_max_len == 32768 - 20 - 4
+    assert geometry.main_window == 32768
+    # Without it no context has the choice, whatever retrieval_min_len says.
+    for settings in (SpecExtendConfig(), SpecExtendConfig(retrieval_min_len=512)):
+        geometry = settings.geometry(draft_max_positions=2048, num_speculative_tokens=4)
+        assert geometry.whole_context_max_len == geometry.retrieval_min_len
+
+
+def test_working_cache_window_errors_name_the_field():
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"speculative_config\.working_cache_window=4096 exceeds "
+                             r"draft_window=2048.*\[1, 2048\]"):
+        SpecExtendConfig(working_cache_window=4096).geometry(draft_max_positions=2048,
+                                                             num_speculative_tokens=4)
+    with pytest.raises(SpecExtendConfigError,
+                       match=r"top_k_chunks.*exceeds working_cache_window=1024.*"
+                             r"top_k_chunks in \[1, 22\]"):
+        SpecExtendConfig(working_cache_window=1024, top_k_chunks=32).geometry(
+            draft_max_positions=2048, num_speculative_tokens=4)
+
+
 def test_draft_window_past_the_drafts_positions_is_named():
     with pytest.raises(SpecExtendConfigError,
                        match=r"speculative_config\.draft_window=4096 exceeds the draft's "

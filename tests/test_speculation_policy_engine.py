@@ -161,3 +161,22 @@ def test_comes_back_not_stale(phased_runs, target_only):
             for name, run in (("on", later_on), ("off", later_off))}
     assert hits["off"] >= 0.9, hits  # the phase is predictable
     assert hits["on"] >= 0.95 * hits["off"], hits
+
+
+def test_requests_with_a_choice_of_context_try_both_lossless(tiny_pair, prompts, target_only,
+                                                             short_window_self_draft, tmp_path):
+    """A working cache of 1,024 positions under the draft's 2,048: the
+    1,500-token request may draft over its whole context or a working cache
+    and measures both, beside requests past 2,048 that must draft over
+    working caches and short ones that draft whole; every output equals
+    the target alone's."""
+    job = specextend_job(tiny_pair.target, short_window_self_draft, prompts,
+                         working_cache_window=1024)
+    result, log = run_engine(job, tmp_path)
+    assert result["token_ids"] == target_only
+    state = result["request_state"]
+    assert state["policy_context_trials"] >= 1, state
+    assert state["policy_context_rounds_whole_context"] > 0
+    assert state["policy_context_rounds_working_cache"] > 0
+    assert state["policy_context_held_requests"] == 0  # forgotten with vLLM's requests
+    assert "contexts of 1001 to 2024 tokens may draft whole or over a working cache" in log

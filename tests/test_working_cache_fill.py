@@ -22,7 +22,8 @@ from vllm_specextend.vllm_glue.working_cache import WorkingCaches
 NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 32, 32, 16
 GEOMETRY = WorkingCacheGeometry(draft_window=128, chunk_size=16, top_k_chunks=3,
                                 recent_tokens=24, tokens_between_refreshes=4,
-                                positions_past_window=4, retrieval_min_len=64, main_window=64)
+                                positions_past_window=4, retrieval_min_len=64,
+                                whole_context_max_len=64, main_window=64)
 CONTEXT_LENS = (200, 150)
 BLOCKS = ([3, 7, 1, 9, 12, 2, 5], [0, 4, 6, 8, 10])
 KEPT_CHUNKS = ([0, 4, 9], [1, 3, 6])

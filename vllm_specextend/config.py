@@ -33,7 +33,10 @@ class WorkingCacheGeometry:
     positions 0..n-1, then the tokens it gains until the next refresh and
     the drafts past them; `capacity` bounds all of that. Requests without
     one attend over vLLM's cache with a sliding window of `main_window`, so
-    no draft query ever spans `draft_window` positions."""
+    no draft query ever spans `draft_window` positions. Up to
+    `whole_context_max_len` the draft window shows a request whole: past
+    `retrieval_min_len` and up to there (a working cache smaller than the
+    draft window) the speculation policy chooses."""
 
     draft_window: int
     chunk_size: int
@@ -42,6 +45,7 @@ class WorkingCacheGeometry:
     tokens_between_refreshes: int
     positions_past_window: int
     retrieval_min_len: int
+    whole_context_max_len: int
     main_window: int
 
     @property
@@ -76,9 +80,15 @@ class SpecExtendConfig(BaseModel):
     """Positions the draft attends over at most; default: its
     max_position_embeddings as its config ships it. Requests that fit it
     draft over their whole context, as stock speculation does."""
+    working_cache_window: int | None = Field(default=None, gt=0)
+    """Positions a working cache spans (its chunks, recent tokens, the tokens
+    until the next refresh, the drafts); default: draft_window. Smaller, a
+    request whose context lies between the two drafts over whichever of its
+    whole context and a working cache it measures faster (`adaptive`; off:
+    always the working cache)."""
     top_k_chunks: int | None = Field(default=None, gt=0)
     """Chunks the target's attention picks for the draft's working cache;
-    default: as many as the draft window holds (the paper: 32)."""
+    default: as many as the working cache holds (the paper: 32)."""
     recent_tokens: int = Field(default=256, gt=0)
     """Newest tokens the draft always sees, besides the retrieved chunks."""
     refresh_every: int = Field(default=4, gt=0)
@@ -164,11 +174,19 @@ class SpecExtendConfig(BaseModel):
                 f"max_position_embeddings ({draft_max_positions}): the draft would "
                 f"see positions it was not trained on. Allowed: draft_window in "
                 f"[1, {draft_max_positions}].")
+        cache_window = self.working_cache_window or window
+        if cache_window > window:
+            raise SpecExtendConfigError(
+                f"speculative_config.working_cache_window={cache_window} exceeds "
+                f"draft_window={window}: a working cache is at most what the draft "
+                f"window shows. Allowed: working_cache_window in [1, {window}].")
+        window_field = ("working_cache_window" if self.working_cache_window is not None
+                        else "draft_window")
         between = self.refresh_every * self.tokens_per_step(num_speculative_tokens)
         past = self.draft_positions_past_window(num_speculative_tokens)
         # Window (from a chunk boundary), growth until the next refresh, drafts.
         fixed = self.recent_tokens + self.chunk_size - 1 + between + past
-        room = (window - fixed) // self.chunk_size
+        room = (cache_window - fixed) // self.chunk_size
         top_k = self.top_k_chunks if self.top_k_chunks is not None else room
         if top_k < 1 or top_k > room:
             raise SpecExtendConfigError(
@@ -176,18 +194,22 @@ class SpecExtendConfig(BaseModel):
                 f"{top_k} x chunk_size={self.chunk_size} + recent_tokens="
                 f"{self.recent_tokens} + chunk_size - 1 + refresh_every x tokens per "
                 f"step={between} + {past} positions for the drafts = "
-                f"{top_k * self.chunk_size + fixed} tokens) exceeds draft_window="
-                f"{window}. Allowed: top_k_chunks in [1, {max(room, 0)}] with these "
-                f"settings, or a larger draft_window (at most the draft's "
+                f"{top_k * self.chunk_size + fixed} tokens) exceeds {window_field}="
+                f"{cache_window}. Allowed: top_k_chunks in [1, {max(room, 0)}] with these "
+                f"settings, or a larger {window_field} (at most the draft's "
                 f"max_position_embeddings), or lower recent_tokens, chunk_size or "
                 f"refresh_every.")
         depth = self.tree_max_depth if self.tree else 0
+        # The longest context a window shows whole until the next refresh.
+        retrieval_min_len = self.retrieval_min_len or max(cache_window - between - past, 1)
+        whole_context_max_len = retrieval_min_len
+        if self.working_cache_window is not None:
+            whole_context_max_len = max(window - between - past, retrieval_min_len)
         return WorkingCacheGeometry(
             draft_window=window, chunk_size=self.chunk_size, top_k_chunks=top_k,
             recent_tokens=self.recent_tokens, tokens_between_refreshes=between,
-            positions_past_window=past,
-            retrieval_min_len=self.retrieval_min_len or max(window - between - past, 1),
-            main_window=window - depth)
+            positions_past_window=past, retrieval_min_len=retrieval_min_len,
+            whole_context_max_len=whole_context_max_len, main_window=window - depth)
 
     def builds_working_caches(self, geometry: WorkingCacheGeometry, max_model_len: int) -> bool:
         """Whether a request can pass `retrieval_min_len`; if none can, the
@@ -230,7 +252,8 @@ class SpecExtendConfig(BaseModel):
         fields = " ".join(f"{k}={v}" for k, v in self.model_dump().items())
         return (f"{fields} (resolved: draft_window={geometry.draft_window} "
                 f"top_k_chunks={geometry.top_k_chunks} working_cache_capacity="
-                f"{geometry.capacity} retrieval_min_len={geometry.retrieval_min_len})")
+                f"{geometry.capacity} retrieval_min_len={geometry.retrieval_min_len} "
+                f"whole_context_max_len={geometry.whole_context_max_len})")
 
 
 def split_speculative_config(

@@ -95,6 +95,16 @@ METRICS = (
      "Rounds in which every request stepped aside: no draft forward ran"),
     ("policy_tokens_caught_up", "policy_tokens_caught_up", "counter",
      "Tokens the draft read late, for the rounds it skipped"),
+    ("policy_context_rounds_whole_context", "policy_context_rounds_whole_context", "counter",
+     "Requests with a choice of context that drafted over their whole context, summed "
+     "over rounds"),
+    ("policy_context_rounds_working_cache", "policy_context_rounds_working_cache", "counter",
+     "Requests with a choice of context that drafted over a working cache, summed over "
+     "rounds"),
+    ("policy_context_trials", "policy_context_trials", "counter",
+     "Comparisons of a request's two contexts decided (tokens per second of each)"),
+    ("policy_context_kept_working_cache", "policy_context_kept_working_cache", "counter",
+     "Comparisons the working cache won"),
     ("policy_latest_drafting", "requests_drafting", "gauge",
      "Decoding requests drafting in the latest round"),
     ("policy_latest_stepped_aside", "requests_stepped_aside", "gauge",

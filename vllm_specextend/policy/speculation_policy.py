@@ -20,6 +20,8 @@ drafting round, how many tokens every request drafts.
   probe brings the next one to the next round, so a request whose text
   turns predictable (copying, code) comes back within a few rounds of its
   first accepted probe.
+- Where a request may draft over its whole context or a working cache,
+  which one: `context_choice`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
+from vllm_specextend.policy.context_choice import ContextChoice
 from vllm_specextend.policy.costs import CostsByContext, MeasuredCosts, StepCosts
 from vllm_specextend.policy.draft_lengths import best_draft_lengths
 
@@ -87,6 +90,8 @@ class SpeculationPolicy:
         self.probe_wait: dict[str, int] = {}
         self.probing: set[str] = set()
         self.counters = PolicyCounters()
+        self.context = ContextChoice(decay=decay)
+        self.latest_round_warmup = False
 
     def pick(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
              context_tokens: int) -> np.ndarray:
@@ -114,6 +119,7 @@ class SpeculationPolicy:
                 picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap)
             picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
+        self.latest_round_warmup = warmup
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
         return picks
 
@@ -189,6 +195,7 @@ class SpeculationPolicy:
         self.rounds_aside.pop(req_id, None)
         self.probe_wait.pop(req_id, None)
         self.probing.discard(req_id)
+        self.context.release(req_id)
 
     def held_requests(self) -> int:
         return len(self.acceptance.slot_of)

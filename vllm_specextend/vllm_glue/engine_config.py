@@ -330,6 +330,12 @@ def _retrieval_summary(settings: SpecExtendConfig, vllm_config: Any) -> str:
     geometry = geometry_of(settings, vllm_config)
     max_model_len = vllm_config.model_config.max_model_len
     if settings.builds_working_caches(geometry, max_model_len):
+        if geometry.whole_context_max_len > geometry.retrieval_min_len:
+            chooser = ("each request drafts over whichever it measures faster"
+                       if settings.adaptive else "adaptive=false: always the working cache")
+            return (f"Cross-model Retrieval on; contexts of {geometry.retrieval_min_len + 1} "
+                    f"to {geometry.whole_context_max_len} tokens may draft whole or over a "
+                    f"working cache: {chooser}")
         return "Cross-model Retrieval on"
     if settings.retrieval:
         return (f"Cross-model Retrieval idle: max_model_len={max_model_len} is within "

@@ -26,7 +26,7 @@ from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
 from vllm_specextend.metrics import MetricsFile
 from vllm_specextend.policy.step_clock import StepClock
-from vllm_specextend.retrieval.ownership import WorkingCacheOwners
+from vllm_specextend.retrieval.ownership import NO_CACHE, WorkingCacheOwners
 from vllm_specextend.vllm_glue.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
@@ -205,9 +205,13 @@ class SpecExtendProposer:
         # Past the threshold and done with the prompt: a decoding step.
         eligible = (computed > self.geometry.retrieval_min_len) & (
             computed >= batch.num_prompt_tokens[:num_reqs])
+        eligible, choosing = self._choose_contexts(req_ids, eligible, computed)
         due = self.owners.due_rows(req_ids, eligible, computed, round_index,
                                    self.settings.refresh_every)
         cache_of_row = self.owners.caches_of(req_ids)
+        if len(choosing):
+            self.policy_hooks.contexts_used([req_ids[row] for row in choosing],
+                                            cache_of_row[choosing] != NO_CACHE)
         first_pass_lens = self._scheduled_lens(num_reqs) + self.net_num_new_slots_per_request
         draft_round = DraftRound(self.caches, cache_of_row, first_pass_lens, self.staging)
         if len(due):
@@ -225,6 +229,24 @@ class SpecExtendProposer:
                        "%d tokens)", len(draft_round.compact_rows), num_reqs,
                        self.geometry.retrieval_min_len)
         return draft_round
+
+    def _choose_contexts(self, req_ids: list[str], eligible: np.ndarray,
+                         computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that may draft over a working cache, and those of them the
+        policy chose for (`policy.context_choice`): rows the draft window
+        still shows whole. A request choosing its whole context frees its
+        cache (the first pass keeps vLLM's draft cache current for every
+        row); taking one again fills it afresh."""
+        choosing = np.flatnonzero(eligible & (computed <= self.geometry.whole_context_max_len))
+        if self.policy_hooks is None or not len(choosing):
+            return eligible, choosing[:0]
+        whole = choosing[~self.policy_hooks.wants_working_cache(
+            [req_ids[row] for row in choosing])]
+        for row in whole:
+            self.owners.release(req_ids[row])
+        eligible = eligible.copy()
+        eligible[whole] = False
+        return eligible, choosing
 
     def _refresh(self, metadata, query_indices, target_positions, rows: np.ndarray,
                  caches: np.ndarray) -> None:

@@ -9,7 +9,9 @@ request's pick, so vLLM verifies only those. What it learns from reaches
 the host anyway: the scheduled drafts and the sampled tokens of every step.
 Costs are timed here: a drafting round together with the target step that
 verifies its drafts, by the wall clock on CPU (vLLM's CPU runner is
-synchronous) and by CUDA events read a step later on GPU.
+synchronous) and by CUDA events read a step later on GPU. The same timed
+steps, with each request's tokens, measure which context (whole, or a
+working cache) drafts faster for requests that have the choice.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class _TimedStep:
     round_length: int = 0
     context_tokens: int = 0  # the batch's, summed over its requests
     caught_up: bool = False  # the round first read tokens of skipped rounds
+    warmup: bool = False  # the round's lengths were the costs' warm-up's
+    # Requests with a choice of context, and whether each drafted over a
+    # working cache this round.
+    contexts: tuple[list[str], np.ndarray] | None = None
+    tokens: dict[str, int] | None = None  # what the step gained, per request that verified
     ended: object = None
 
 
@@ -77,17 +84,30 @@ class PolicyHooks:
     def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
                      context_tokens: int) -> int:
         """Pick every request's draft length; the round runs the longest."""
-        picks = self.policy.pick(req_ids, decoding, round_cap, context_tokens)
-        if self.tensor_parallel:
-            # Costs are timed per rank: every rank runs rank 0's picks.
-            from vllm.distributed import get_tp_group
-
-            picks = get_tp_group().broadcast_object(picks, src=0)
+        picks = self._rank_zeros(self.policy.pick(req_ids, decoding, round_cap,
+                                                  context_tokens))
         self.picks = dict(zip(req_ids, picks.tolist()))
         if self.step is not None:
             self.step.round_began = self.clock.now()
             self.step.context_tokens = context_tokens
+            self.step.warmup = self.policy.latest_round_warmup
         return int(picks.max(initial=0))
+
+    def wants_working_cache(self, req_ids: list[str]) -> np.ndarray:
+        """Per request with a choice of context: draft over a working cache."""
+        return self._rank_zeros(self.policy.context.wants_working_cache(req_ids))
+
+    def contexts_used(self, req_ids: list[str], used_working_cache: np.ndarray) -> None:
+        if self.step is not None and req_ids:
+            self.step.contexts = (req_ids, used_working_cache)
+
+    def _rank_zeros(self, decision: np.ndarray) -> np.ndarray:
+        """Costs are timed per rank: every rank runs rank 0's decisions."""
+        if not self.tensor_parallel:
+            return decision
+        from vllm.distributed import get_tp_group
+
+        return get_tp_group().broadcast_object(decision, src=0)
 
     def round_ended(self, round_length: int, caught_up: bool = False) -> None:
         if self.step is not None:
@@ -103,6 +123,9 @@ class PolicyHooks:
                                 for req_id, ids in zip(output.req_ids, sampled)])
             accepted = np.array([max(len(ids) - 1, 0) for ids in sampled])
             self.policy.observe_step(output.req_ids, drafted, accepted)
+            if self.step is not None:
+                self.step.tokens = {req_id: count + 1 for req_id, count, verified
+                                    in zip(output.req_ids, accepted, drafted > 0) if verified}
         if self.step is not None:
             self.step.ended = self.clock.now()
             if self.step.round_ended is not None:
@@ -119,9 +142,25 @@ class PolicyHooks:
             target_s = self.clock.seconds(step.began, step.ended) - round_s
             previous, self.previous = self.previous, (step, round_s)
             if previous is not None and previous[0].decode_only and step.decode_only:
+                seconds = previous[1] + target_s
                 self.policy.observe_cost(previous[0].round_length, step.verified_drafts,
-                                         previous[1] + target_s, previous[0].context_tokens,
+                                         seconds, previous[0].context_tokens,
                                          previous[0].caught_up)
+                self._observe_contexts(previous[0], step.tokens or {}, seconds)
+
+    def _observe_contexts(self, drafted: _TimedStep, tokens: dict[str, int],
+                          seconds: float) -> None:
+        """What the round `drafted` gained each request with a choice of
+        context that drafted in it (warm-up rounds force their lengths: no
+        measure of either context)."""
+        if drafted.contexts is None or drafted.warmup:
+            return
+        req_ids, used = drafted.contexts
+        verified = [row for row, req_id in enumerate(req_ids) if req_id in tokens]
+        if verified:
+            self.policy.context.observe([req_ids[row] for row in verified], used[verified],
+                                        np.array([tokens[req_ids[row]] for row in verified]),
+                                        seconds)
 
     def cut_to_picks(self, draft_token_ids):
         """The scheduler gets each request's drafts cut to its pick."""
@@ -138,6 +177,7 @@ class PolicyHooks:
 
     def state(self) -> dict:
         counters = self.policy.counters
+        contexts = self.policy.context.counters
         costs = self.policy.current_costs()
         return {
             "policy_rounds": counters.rounds,
@@ -151,6 +191,11 @@ class PolicyHooks:
             "policy_latest_drafting": counters.latest_drafting,
             "policy_latest_stepped_aside": counters.latest_stepped_aside,
             "policy_held_requests": self.policy.held_requests(),
+            "policy_context_rounds_whole_context": contexts.rounds_whole_context,
+            "policy_context_rounds_working_cache": contexts.rounds_working_cache,
+            "policy_context_trials": contexts.trials,
+            "policy_context_kept_working_cache": contexts.kept_working_cache,
+            "policy_context_held_requests": self.policy.context.held_requests(),
             "policy_costs_s": {"step_by_round_length": list(costs.step_by_round_length),
                                "per_verified_token": costs.per_verified_token},
         }
