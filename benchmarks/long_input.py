@@ -190,14 +190,16 @@ def policy_counters(llm) -> dict:
 def policy_summary(before: dict, after: dict) -> dict | None:
     """What the per-request policy picked over one sample: decoding rounds,
     the share of them a request sat out, the mean draft length, rounds by
-    draft length, probes, rounds that skipped the draft and the tokens it
-    read late."""
+    draft length, probes, rounds that skipped the draft, the tokens it read
+    late, and the rounds over each context where a request had the choice."""
     if "policy_rounds" not in after:
         return None
     delta = {name: after[name] - before.get(name, 0) for name in (
         "policy_rounds", "policy_requests_drafting", "policy_requests_stepped_aside",
         "policy_probes", "policy_drafts_picked", "policy_rounds_skipped",
-        "policy_tokens_caught_up")}
+        "policy_tokens_caught_up", "policy_context_rounds_whole_context",
+        "policy_context_rounds_working_cache", "policy_context_trials",
+        "policy_context_kept_working_cache")}
     decided = delta["policy_requests_drafting"] + delta["policy_requests_stepped_aside"]
     by_length = after["policy_picks_by_length"]
     previous = before.get("policy_picks_by_length") or [0] * len(by_length)
@@ -208,6 +210,10 @@ def policy_summary(before: dict, after: dict) -> dict | None:
             "picks_by_length": [a - b for a, b in zip(by_length, previous)],
             "probes": delta["policy_probes"], "rounds_skipped": delta["policy_rounds_skipped"],
             "tokens_caught_up": delta["policy_tokens_caught_up"],
+            "context_rounds": {"whole_context": delta["policy_context_rounds_whole_context"],
+                               "working_cache": delta["policy_context_rounds_working_cache"]},
+            "context_trials": delta["policy_context_trials"],
+            "context_kept_working_cache": delta["policy_context_kept_working_cache"],
             "costs_s": after["policy_costs_s"]}
 
 

@@ -126,7 +126,8 @@ def against_best_stock(lines: list[dict]) -> str:
     """Each sample's decode speed against the better of target-only and
     stock speculation on that sample (the per-request policy's goal), with
     what the policy picked: mean draft length, share of request rounds
-    stepped aside, probes."""
+    stepped aside, probes; and where a request had the choice of context,
+    the share of its rounds over a working cache."""
     samples = [r for r in lines if r["kind"] == "sample"]
     by_key = defaultdict(dict)
     for r in samples:
@@ -138,7 +139,8 @@ def against_best_stock(lines: list[dict]) -> str:
     if len(stock) < 2 or not ours:
         return ""
     out = ["", f"Per sample, decode tok/s against max({', '.join(stock)}) on the same sample; "
-           "policy: mean draft length / share of request rounds stepped aside / probes:", "",
+           "policy: mean draft length / share of request rounds stepped aside / probes"
+           " (/ share of rounds over a working cache, where a request had the choice):", "",
            "| input | sample | best stock | " + " | ".join(ours) + " |",
            "|---" * (3 + len(ours)) + "|"]
     ratios = defaultdict(list)
@@ -156,7 +158,7 @@ def against_best_stock(lines: list[dict]) -> str:
             policy = r.get("policy")
             picked = ("" if not policy or policy["mean_pick"] is None else
                       f" ({policy['mean_pick']:.2f} / {policy['stepped_aside_fraction']:.0%}"
-                      f" / {policy['probes']})")
+                      f" / {policy['probes']}{_context_share(policy)})")
             cells.append(f"{ratios[method][-1]:.2f}x{picked}")
         out.append(f"| {source} | {sample} | {best} "
                    f"{runs[best]['decode_tokens_per_s']:.2f} | " + " | ".join(cells) + " |")
@@ -164,6 +166,14 @@ def against_best_stock(lines: list[dict]) -> str:
              if ratios[m] else "-" for m in ours]
     out.append("| mean | | | " + " | ".join(means) + " |")
     return "\n".join(out) + "\n"
+
+
+def _context_share(policy: dict) -> str:
+    """The share of rounds over a working cache of the requests that had the
+    choice of context, as " / 40% cache"; empty if none had."""
+    rounds = policy.get("context_rounds") or {}
+    total = sum(rounds.values())
+    return f" / {rounds['working_cache'] / total:.0%} cache" if total else ""
 
 
 def accepted_by_window(lines: list[dict], window_tokens: int) -> dict:

@@ -93,12 +93,16 @@ def test_mixed_batch_some_step_aside_lossless(tiny_pair, prompts, target_only, p
 def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, target_only,
                                                        tmp_path):
     """After warm-up the engine drafts for a request in at most one step in
-    five (vLLM's counters), and stays lossless."""
+    five (vLLM's counters), and stays lossless. One request (2,500 tokens
+    under the draft's 2,048 positions) drafts over a working cache: rounds
+    are skipped all the same, and its cache refilled when it drafts again."""
     draft = accepting_nothing(tiny_pair.draft, tmp_path / "random_draft")
-    batch = prompts[:3]
+    rows = [0, 1, 4]
+    batch = [prompts[row] for row in rows]
     result, _ = run_engine(specextend_job(tiny_pair.target, draft, batch), tmp_path / "run")
-    assert result["token_ids"] == target_only[:3]
+    assert result["token_ids"] == [target_only[row] for row in rows]
     counters, state = result["spec_decode"], result["request_state"]
+    assert state["working_cache_request_rounds"] > 0
     assert counters["vllm:spec_decode_num_accepted_tokens"] <= 2
     # Nothing is accepted: each request takes one step per output token.
     request_steps = len(batch) * PHASED_MAX_TOKENS

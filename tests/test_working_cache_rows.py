@@ -14,10 +14,9 @@ def test_eligible_requests_take_free_caches_and_the_rest_keep_their_window():
                           np.array([3000, 100, 4000, 5000]), round_index=0, refresh_every=4)
     assert due.tolist() == [0, 2]  # "d" finds no free cache
     assert owners.caches_of(ids).tolist() == [0, NO_CACHE, 1, NO_CACHE]
-    assert owners.holds_any(["b", "c"]) and not owners.holds_any(["b", "d"])
 
 
-def test_holders_refill_every_refresh_every_rounds():
+def test_holders_refill_every_refresh_every_rounds_and_after_a_skipped_one():
     owners = WorkingCacheOwners(num_caches=1)
     refilled = []
     for round_index in range(9):
@@ -26,6 +25,10 @@ def test_holders_refill_every_refresh_every_rounds():
         refilled += [round_index] * len(due)
     assert refilled == [0, 4, 8]
     assert owners.filled_at[0] == 3008
+    # A round ran no draft forward: the next that drafts refills.
+    owners.refill_next(["a", "b"])
+    assert owners.due_rows(["a"], np.array([True]), np.array([3010]), 9, 4).tolist() == [0]
+    assert owners.due_rows(["a"], np.array([True]), np.array([3011]), 10, 4).tolist() == []
 
 
 def test_a_cache_is_freed_when_its_request_leaves_finishes_or_restarts():

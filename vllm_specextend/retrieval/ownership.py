@@ -2,7 +2,9 @@
 
 A fixed number of working caches is allocated at start-up. A request past
 `retrieval_min_len` that is decoding takes a free one, filled in the
-round it takes it, then again every `refresh_every` drafting rounds.
+round it takes it, then again every `refresh_every` drafting rounds, and
+in the first round that drafts after one that ran no draft forward (the
+speculation policy's skipped rounds: the cache lacks their tokens).
 Requests beyond the caches keep drafting over their sliding window. A
 cache is freed when its request leaves the batch, finishes, or restarts
 from fewer computed tokens than it had when its cache was filled (vLLM
@@ -15,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 NO_CACHE = -1
+# A cache's fill round that makes it due in any round.
+STALE = np.iinfo(np.int64).min // 2
 
 
 class WorkingCacheOwners:
@@ -59,5 +63,10 @@ class WorkingCacheOwners:
         return np.array([self.holder.get(req_id, NO_CACHE) for req_id in req_ids],
                         dtype=np.int64)
 
-    def holds_any(self, req_ids: list[str]) -> bool:
-        return any(req_id in self.holder for req_id in req_ids)
+    def refill_next(self, req_ids: list[str]) -> None:
+        """These requests' caches miss the tokens of a round that ran no
+        draft forward: the next round that drafts fills them afresh."""
+        for req_id in req_ids:
+            cache = self.holder.get(req_id)
+            if cache is not None:
+                self.filled_round[cache] = STALE

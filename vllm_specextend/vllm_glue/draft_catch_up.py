@@ -36,14 +36,13 @@ class DraftCatchUp:
                                    CATCH_UP_ARRAYS)
 
     def skips(self, round_length: int, req_ids: list[str], computed: np.ndarray,
-              scheduled: np.ndarray, prompt_lens: np.ndarray, holds_working_cache: bool) -> bool:
+              scheduled: np.ndarray, prompt_lens: np.ndarray) -> bool:
         """Skip the draft this round: nothing is drafted, every request is
-        past its prompt (no prefill chunk for the draft to read), none
-        drafts over a working cache (filled from the draft's cache, which
-        must be current), the draft needs no target hidden states (EAGLE
-        reads them for every token) and no request falls too far behind."""
-        if (round_length > 0 or holds_working_cache
-                or self.proposer.pass_hidden_states_to_model
+        past its prompt (no prefill chunk for the draft to read), the draft
+        needs no target hidden states (EAGLE reads them for every token) and
+        no request falls too far behind. (Working caches miss the skipped
+        tokens too: the caller has them refilled after the catch-up.)"""
+        if (round_length > 0 or self.proposer.pass_hidden_states_to_model
                 or (computed < prompt_lens).any()
                 or not self.stale.can_skip(req_ids, computed, scheduled)):
             return False

@@ -274,15 +274,19 @@ class SpecExtendProposer:
                                               num_speculative_tokens, int(context.sum()))
 
     def _skips_round(self, metadata, round_length: int) -> bool:
-        """Whether this round runs no draft forward (`DraftCatchUp.skips`)."""
+        """Whether this round runs no draft forward (`DraftCatchUp.skips`).
+        A skipped round's tokens reach the draft's cache in the next round
+        that drafts, before its refresh: the working caches of the batch's
+        requests are refilled there from it."""
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
         req_ids = batch.req_ids[:num_reqs]
-        holds_working_cache = self.owners is not None and self.owners.holds_any(req_ids)
-        return self.catch_up.skips(
+        skips = self.catch_up.skips(
             round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
-            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
-            holds_working_cache)
+            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs])
+        if skips and self.owners is not None:
+            self.owners.refill_next(req_ids)
+        return skips
 
     def _catch_up_draft(self, metadata) -> bool:
         """The draft reads the tokens of the rounds it skipped; whether any."""

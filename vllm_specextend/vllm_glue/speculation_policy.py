@@ -84,8 +84,8 @@ class PolicyHooks:
     def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
                      context_tokens: int) -> int:
         """Pick every request's draft length; the round runs the longest."""
-        picks = self._rank_zeros(self.policy.pick(req_ids, decoding, round_cap,
-                                                  context_tokens))
+        picks = self._from_rank_zero(self.policy.pick(req_ids, decoding, round_cap,
+                                                      context_tokens))
         self.picks = dict(zip(req_ids, picks.tolist()))
         if self.step is not None:
             self.step.round_began = self.clock.now()
@@ -95,13 +95,13 @@ class PolicyHooks:
 
     def wants_working_cache(self, req_ids: list[str]) -> np.ndarray:
         """Per request with a choice of context: draft over a working cache."""
-        return self._rank_zeros(self.policy.context.wants_working_cache(req_ids))
+        return self._from_rank_zero(self.policy.context.wants_working_cache(req_ids))
 
     def contexts_used(self, req_ids: list[str], used_working_cache: np.ndarray) -> None:
         if self.step is not None and req_ids:
             self.step.contexts = (req_ids, used_working_cache)
 
-    def _rank_zeros(self, decision: np.ndarray) -> np.ndarray:
+    def _from_rank_zero(self, decision: np.ndarray) -> np.ndarray:
         """Costs are timed per rank: every rank runs rank 0's decisions."""
         if not self.tensor_parallel:
             return decision
