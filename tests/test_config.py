@@ -56,25 +56,18 @@ def test_a_smaller_working_cache_gives_requests_in_between_the_choice():
         assert geometry.whole_context_max_len == geometry.retrieval_min_len
 
 
-def test_working_cache_window_errors_name_the_field():
-    with pytest.raises(SpecExtendConfigError,
-                       match=r"speculative_config\.working_cache_window=4096 exceeds "
-                             r"draft_window=2048.*\[1, 2048\]"):
-        SpecExtendConfig(working_cache_window=4096).geometry(draft_max_positions=2048,
-                                                             num_speculative_tokens=4)
-    with pytest.raises(SpecExtendConfigError,
-                       match=r"top_k_chunks.*exceeds working_cache_window=1024.*"
-                             r"top_k_chunks in \[1, 22\]"):
-        SpecExtendConfig(working_cache_window=1024, top_k_chunks=32).geometry(
-            draft_max_positions=2048, num_speculative_tokens=4)
-
-
-def test_draft_window_past_the_drafts_positions_is_named():
-    with pytest.raises(SpecExtendConfigError,
-                       match=r"speculative_config\.draft_window=4096 exceeds the draft's "
-                             r"max_position_embeddings \(2048\).*\[1, 2048\]"):
-        SpecExtendConfig(draft_window=4096).geometry(draft_max_positions=2048,
-                                                     num_speculative_tokens=4)
+@pytest.mark.parametrize("settings,message", [
+    ({"draft_window": 4096}, r"speculative_config\.draft_window=4096 exceeds the draft's "
+                             r"max_position_embeddings \(2048\).*\[1, 2048\]"),
+    ({"working_cache_window": 4096}, r"speculative_config\.working_cache_window=4096 "
+                                     r"exceeds draft_window=2048.*\[1, 2048\]"),
+    ({"working_cache_window": 1024, "top_k_chunks": 32},
+     r"top_k_chunks.*exceeds working_cache_window=1024.*top_k_chunks in \[1, 22\]"),
+])
+def test_windows_past_what_holds_them_are_named(settings, message):
+    with pytest.raises(SpecExtendConfigError, match=message):
+        SpecExtendConfig(**settings).geometry(draft_max_positions=2048,
+                                              num_speculative_tokens=4)
 
 
 def test_split_keeps_vllm_keys_and_normalizes_dashes():
