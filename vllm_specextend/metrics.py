@@ -97,10 +97,10 @@ METRICS = (
      "Tokens the draft read late, for the rounds it skipped"),
     ("policy_context_rounds_whole_context", "policy_context_rounds_whole_context", "counter",
      "Requests with a choice of context that drafted over their whole context, summed "
-     "over rounds"),
+     "over the rounds measured (not warm-up rounds, nor steps with a prefill)"),
     ("policy_context_rounds_working_cache", "policy_context_rounds_working_cache", "counter",
      "Requests with a choice of context that drafted over a working cache, summed over "
-     "rounds"),
+     "the rounds measured (not warm-up rounds, nor steps with a prefill)"),
     ("policy_context_trials", "policy_context_trials", "counter",
      "Comparisons of a request's two contexts decided (tokens per second of each)"),
     ("policy_context_kept_working_cache", "policy_context_kept_working_cache", "counter",

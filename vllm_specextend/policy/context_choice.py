@@ -27,8 +27,10 @@ WHOLE_CONTEXT, WORKING_CACHE = 0, 1
 class ContextCounters:
     """Totals since start-up, for metrics."""
 
-    rounds_whole_context: int = 0  # requests that drafted over their whole context
-    rounds_working_cache: int = 0  # ... over a working cache (requests with the choice)
+    # Requests with the choice that drafted over each context, summed over
+    # the rounds measured (`observe`).
+    rounds_whole_context: int = 0
+    rounds_working_cache: int = 0
     trials: int = 0  # comparisons decided
     kept_working_cache: int = 0  # of them, won by the working cache
 
