@@ -200,6 +200,30 @@ class SpeculationPolicy:
     def held_requests(self) -> int:
         return len(self.acceptance.slot_of)
 
+    def state(self) -> dict:
+        """The counters and costs, by the keys `metrics.METRICS` reads."""
+        counters, contexts, costs = self.counters, self.context.counters, self.current_costs()
+        return {
+            "policy_rounds": counters.rounds,
+            "policy_warmup_rounds": counters.warmup_rounds,
+            "policy_requests_drafting": counters.requests_drafting,
+            "policy_requests_stepped_aside": counters.requests_stepped_aside,
+            "policy_probes": counters.probes,
+            "policy_drafts_picked": counters.drafts_picked,
+            "policy_mean_pick": counters.mean_pick(),
+            "policy_picks_by_length": counters.picks_by_length,
+            "policy_latest_drafting": counters.latest_drafting,
+            "policy_latest_stepped_aside": counters.latest_stepped_aside,
+            "policy_held_requests": self.held_requests(),
+            "policy_context_rounds_whole_context": contexts.rounds_whole_context,
+            "policy_context_rounds_working_cache": contexts.rounds_working_cache,
+            "policy_context_trials": contexts.trials,
+            "policy_context_kept_working_cache": contexts.kept_working_cache,
+            "policy_context_held_requests": self.context.held_requests(),
+            "policy_costs_s": {"step_by_round_length": list(costs.step_by_round_length),
+                               "per_verified_token": costs.per_verified_token},
+        }
+
     def current_costs(self) -> StepCosts:
         """The costs the latest round was priced at (or warmed up)."""
         if self.latest_costs is None:

@@ -321,7 +321,7 @@ class SpecExtendProposer:
                                     if self.verification is not None else 0),
                  **dataclasses.asdict(self.counters)}
         if self.policy_hooks is not None:
-            state.update(self.policy_hooks.state() | self.catch_up.state())
+            state.update(self.policy_hooks.policy.state() | self.catch_up.state())
         return state
 
     def publish_metrics(self, force: bool = False) -> None:
