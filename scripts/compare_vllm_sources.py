@@ -5,11 +5,14 @@ Checked, from the sources alone:
 - every patch target in `vllm_glue.registry.PATCHES`: present, signature
   the same, body the same or changed (a changed body is for a person to
   read: `--show-changed` prints the difference);
-- every name the glue imports from vLLM (`from vllm.x import y`): the
+- every name the package imports from vLLM (`from vllm.x import y`): the
   module exists and defines it;
-- every attribute the glue reads off vLLM's proposer, model runner and
-  input batch (`proposer.x`, `runner.x`, `batch.x`, ...): still assigned
-  (`self.x = ...`) or defined in the class's source file.
+- every attribute the package reads off vLLM's proposer, model runner,
+  input batch and metadata (`proposer.x`, `runner.x`, `batch.x`, `cad.x`,
+  ...): still assigned (`self.x = ...`) or defined in the class's source
+  file. The whole package is read, not only the glue: the core takes some
+  of vLLM's objects as arguments (a drafting round reads the draft's
+  attention metadata, `cad`).
 
 Usage: python scripts/compare_vllm_sources.py vllm-0.33.0-...whl [--show-changed]
 Exit status 1 when anything is missing or a signature differs.
@@ -25,7 +28,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-GLUE = Path(__file__).resolve().parents[1] / "vllm_specextend" / "vllm_glue"
+PACKAGE = Path(__file__).resolve().parents[1] / "vllm_specextend"
 # Objects of vLLM's the glue reads attributes off, and the files that define them.
 ATTRIBUTE_OWNERS = {
     "proposer": ("vllm/v1/spec_decode/llm_base_proposer.py", "vllm/v1/spec_decode/draft_model.py",
@@ -39,10 +42,11 @@ ATTRIBUTE_OWNERS = {
     "scheduler_output": ("vllm/v1/core/sched/output.py",),
 }
 # Glue files whose classes subclass one of those objects: their `self`.
-SUBCLASSES = {"proposer.py": "proposer"}
+SUBCLASSES = {"vllm_glue/proposer.py": "proposer"}
 # The glue's subclasses of vLLM's classes (their file, vLLM's module and
 # base class): the methods they override.
-OVERRIDDEN = {"proposer.py": ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer")}
+OVERRIDDEN = {"vllm_glue/proposer.py": ("vllm.v1.spec_decode.llm_base_proposer",
+                                         "SpecDecodeBaseProposer")}
 SUBCLASS_ROOTS = ("SpecExtendProposer",)
 # vLLM's constructors the glue calls (building its proposers).
 CONSTRUCTED = [("vllm.v1.spec_decode.draft_model", "DraftModelProposer.__init__"),
@@ -110,10 +114,10 @@ def defines(sources: "Sources", module: str, name: str) -> bool:
     return False
 
 
-def glue_sources() -> dict[str, str]:
-    """Every glue file (the trees package's too), by its path in the glue."""
-    return {path.relative_to(GLUE).as_posix(): path.read_text()
-            for path in sorted(GLUE.rglob("*.py"))}
+def package_sources() -> dict[str, str]:
+    """Every file of the package, by its path in it."""
+    return {path.relative_to(PACKAGE).as_posix(): path.read_text()
+            for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def imported_names(glue: dict[str, str]) -> set[tuple[str, str]]:
@@ -132,10 +136,13 @@ def defines_attribute(sources: "Sources", owner: str, attribute: str) -> bool:
 
 
 def read_attributes(glue: dict[str, str], installed: "Sources") -> set[tuple[str, str]]:
-    """Attributes the glue reads off vLLM's objects; in the glue's subclasses
+    """Attributes the package reads off vLLM's objects; in the glue's subclasses
     of them (`SUBCLASSES`), `self.` attributes that the installed vLLM
     defines. What a subclass defines and vLLM does not is the glue's own."""
-    pattern = re.compile(r"\b(" + "|".join(ATTRIBUTE_OWNERS) + r")\.([A-Za-z_]\w*)\b")
+    # A name, or one of `self`'s or a vLLM config's, not an attribute of
+    # something else (Triton's `compiled.metadata`).
+    pattern = re.compile(r"(?:(?<![.\w])|(?<=self\.)|(?<=_config\.))("
+                         + "|".join(ATTRIBUTE_OWNERS) + r")\.([A-Za-z_]\w*)\b")
     pairs, ours = set(), set()
     for file_name, source in glue.items():
         pairs.update(pattern.findall(source))
@@ -163,10 +170,10 @@ def overridden_methods(glue: dict[str, str]) -> list[tuple[str, str]]:
 
 
 def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]:
-    sys.path.insert(0, str(GLUE.parents[1]))
+    sys.path.insert(0, str(PACKAGE.parent))
     from vllm_specextend.vllm_glue.registry import PATCHES
 
-    glue = glue_sources()
+    glue = package_sources()
     problems, report = [], []
     targets = [(patch.module, patch.qualname, patch.adds) for patch in PATCHES]
     for module, qualname in overridden_methods(glue):

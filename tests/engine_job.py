@@ -212,7 +212,7 @@ def _record_attention_spans(worker):
 
 def _record_chunk_choices(worker):
     """Record the chunks each refresh keeps, per row, in this worker."""
-    from vllm_specextend.vllm_glue import cross_model_retrieval
+    from vllm_specextend.retrieval import cross_model_retrieval
 
     select = cross_model_retrieval.select_chunks
     choices = worker.specextend_chunk_choices = []
@@ -320,7 +320,7 @@ def _draft_under_fixed_working_set(worker, probe):
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from vllm_specextend.retrieval.working_cache import window_starts, working_cache_layout
-    from vllm_specextend.vllm_glue.working_cache import DraftRound
+    from vllm_specextend.retrieval.working_caches import DraftRound
 
     drafter = worker.model_runner.drafter
     token_ids = torch.tensor(probe["token_ids"])
@@ -367,16 +367,16 @@ def _draft_under_fixed_working_set(worker, probe):
         window_start = window_starts(context, geometry.chunk_size, geometry.recent_tokens)
         layout = working_cache_layout(kept, torch.tensor([kept.shape[1]]), window_start,
                                       context, geometry.chunk_size, geometry.capacity)
-        drafter.draft_round = DraftRound(caches, np.array([0]), np.array([1]), drafter.staging)
+        drafter.step.draft_round = DraftRound(caches, np.array([0]), np.array([1]), drafter.staging)
         caches.fill(drafter.draft_layers, drafter.draft_reader, block_table,
-                    drafter.draft_round.cache_ids, layout, drafter.rope_backward)
-        drafter.draft_round.read_offsets()
+                    drafter.step.draft_round.cache_ids, layout, drafter.rope_backward)
+        drafter.step.draft_round.read_offsets()
         ops.cpu_attention_with_kv_cache = counting_kernel
         try:
             logits = draft_forward(context_len, context_len + 1, draft_index=1)
         finally:
             ops.cpu_attention_with_kv_cache = kernel
-            drafter.draft_round = None
+            drafter.step.draft_round = None
         name, layer = next(iter(drafter.draft_layers.items()))
         length = int(layout.lengths[0])
         keys, _ = drafter.draft_reader.read(caches.cache_of(name, layer.kv_cache),

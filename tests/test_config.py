@@ -167,3 +167,24 @@ def test_tree_mode_geometry_counts_the_deepest_path():
 def test_tree_limits_are_named(field, value, allowed):
     with pytest.raises(SpecExtendConfigError, match=rf"speculative_config\.{field}={value}.*{allowed}"):
         SpecExtendConfig.from_settings({field: value})
+
+
+def test_the_policy_turns_off_where_it_cannot_serve_unless_asked_for():
+    settings, why = SpecExtendConfig().servable_policy(async_scheduling=True)
+    assert not settings.adaptive and "async scheduling" in why
+    settings, why = SpecExtendConfig(tree=True).servable_policy(async_scheduling=False)
+    assert not settings.adaptive and "tree=true" in why
+    assert SpecExtendConfig().servable_policy(async_scheduling=False) == (SpecExtendConfig(),
+                                                                          None)
+    with pytest.raises(SpecExtendConfigError, match=r"adaptive=true: async scheduling"):
+        SpecExtendConfig(adaptive=True).servable_policy(async_scheduling=True)
+
+
+def test_tree_mode_sets_vllms_draft_budget_to_the_nodes():
+    tree = SpecExtendConfig(tree=True, tree_nodes=6)
+    given = {"model": "draft"}
+    assert tree.tree_speculative_config(given, async_scheduling=None) == {
+        "model": "draft", "num_speculative_tokens": 6}
+    assert given == {"model": "draft"}
+    with pytest.raises(SpecExtendConfigError, match=r"num_speculative_tokens=4"):
+        tree.tree_speculative_config({"num_speculative_tokens": 4}, async_scheduling=None)

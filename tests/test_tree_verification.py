@@ -3,6 +3,7 @@ in topological order, RoPE positions by depth, parents shifted under the
 root; verified with Hybrid Tree Attention, every node gets exactly the
 attention the chain of its path would get."""
 
+import numpy as np
 import torch
 
 from kernel_inputs import random_block_table
@@ -92,3 +93,88 @@ def test_accepted_path_moves_right_after_the_root():
     assert order[0].tolist() == [0, 2, 5, 1, 3, 4]
     assert order[1].tolist() == [0, 1, 2, 3, 4, 5]
     assert order[2].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_chain_rows_are_path_shaped_trees_over_long_prefixes():
+    """Rows with drafts and a prefix of at least min_prefix_len: each root
+    (the last verified token) and its drafts, every node over all before it."""
+    from vllm_specextend.attention.hybrid_tree_attention import chain_bitmasks
+    from vllm_specextend.tree.verification import chain_rows
+
+    drafts = np.array([2, 0, 3, 1])
+    cached = np.array([500, 900, 80, 700])
+    query_ends = np.array([3, 4, 8, 10])
+    rows = chain_rows(drafts, cached, query_ends, min_prefix_len=100)
+    assert rows.rows.tolist() == [0, 3]
+    assert rows.tokens.tolist() == [0, 1, 2, 8, 9]
+    assert rows.prefix_lens.tolist() == [500, 700]
+    assert rows.tree_start_loc.tolist() == [0, 3, 5]
+    assert rows.ancestor_masks.tolist() == chain_bitmasks(torch.tensor([0, 1, 2, 0, 1])).tolist()
+    assert chain_rows(drafts, cached, query_ends, min_prefix_len=1000) is None
+
+
+def test_planned_trees_get_tree_positions_and_their_requests_trees():
+    """Two requests, one tree each (a root's two children, then a grandchild),
+    one without drafts: nodes at root + depth, trees from what each proposed."""
+    from vllm_specextend.tree.verification import ProposedTree, plan_trees
+
+    proposed = {"a": ProposedTree(depths=torch.tensor([1, 1, 2]),
+                                  parents=torch.tensor([-1, -1, 0])),
+                "c": ProposedTree(depths=torch.tensor([1, 2]), parents=torch.tensor([-1, 0]))}
+    # Scheduled tokens: a's root + 3 nodes, b's root, c's root + 2 nodes,
+    # at chain positions from each root's.
+    positions = torch.tensor([40, 41, 42, 43, 7, 90, 91, 92])
+    planned = plan_trees(proposed, ["a", "b", "c"], [3, 0, 2],
+                         torch.tensor([11, 12, 13, 21, 22]), torch.tensor([4, 5, 8]), positions)
+    trees, tree_positions = planned
+    assert trees.rows.tolist() == [0, 2]
+    assert trees.tokens.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    assert tree_positions.tolist() == [40, 41, 41, 42, 90, 91, 92]
+    assert trees.prefix_lens.tolist() == [40, 90]
+    assert trees.draft_tree.parents[0].tolist() == [-1, -1, 0]
+    assert trees.draft_tree.tokens[2, :2].tolist() == [21, 22]
+    assert plan_trees(proposed, ["a"], [0], torch.tensor([]), torch.tensor([1]),
+                      positions) is None
+
+
+def test_accepting_drawn_tokens_gives_path_bonus_and_logprob_rows():
+    """Request 0: root's target token 7 matches node 1 (a root child), its
+    token 9 matches node 2 (1's child); the bonus is drawn at node 2.
+    Request 1: a chain whose first draft is rejected."""
+    from vllm_specextend.tree.verification import (
+        PLACEHOLDER_TOKEN_ID,
+        accept_drawn,
+        drafts_as_trees,
+    )
+
+    tree = drafts_as_trees([3, 2], torch.tensor([5, 7, 9, 4, 6]),
+                           torch.tensor([-1, -1, 1, -1, 0]), torch.tensor([1, 1, 2, 1, 2]))
+    # Drawn at: request 0's root, nodes 0..2; request 1's root, nodes 0..1.
+    drawn = torch.tensor([7, 1, 9, 3, 8, 2, 2])
+    accepted = accept_drawn(tree, drawn, torch.tensor([4, 3]))
+    assert accepted.num_accepted.tolist() == [2, 0]
+    assert accepted.accepted[0, :2].tolist() == [1, 2]
+    p = PLACEHOLDER_TOKEN_ID
+    assert accepted.sampled.tolist() == [[7, 9, 3, p], [8, p, p, p]]
+    # Output j drawn at the root (row start) or path node j - 1 (start + 1 + node).
+    assert accepted.drawn_rows.view(2, 4)[0, :3].tolist() == [0, 2, 3]
+    assert accepted.drawn_rows.view(2, 4)[1, 0].tolist() == 4
+
+
+def test_buffers_move_so_each_accepted_path_follows_its_root():
+    from vllm_specextend.tree.verification import (
+        AcceptedTrees,
+        ScheduledTrees,
+        accepted_first_moves,
+    )
+
+    # One tree row at tokens 10..13 (root, 3 nodes); path: node 2.
+    trees = ScheduledTrees(rows=torch.tensor([0]), tokens=torch.arange(10, 14),
+                           prefix_lens=torch.tensor([50]), tree_start_loc=torch.tensor([0, 4]),
+                           ancestor_masks=torch.zeros(4, dtype=torch.long))
+    accepted = AcceptedTrees(accepted=torch.tensor([[2, -1]]), num_accepted=torch.tensor([1]),
+                             sampled=torch.empty(0), drawn_rows=torch.empty(0))
+    new_index, old_index = accepted_first_moves(trees, accepted, torch.tensor([3]))
+    buffer = torch.arange(20)
+    buffer[new_index] = buffer[old_index]
+    assert buffer[10:14].tolist() == [10, 13, 11, 12]

@@ -16,8 +16,9 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_at
 from vllm_specextend.attention.rope import backward_table, rotate_by
 from vllm_specextend.config import WorkingCacheGeometry
 from vllm_specextend.retrieval.working_cache import window_starts, working_cache_layout
+from vllm_specextend.retrieval.working_caches import WorkingCaches
 from vllm_specextend.vllm_glue.kv_cache_reader import PackedCPUKVReader
-from vllm_specextend.vllm_glue.working_cache import WorkingCaches
+from vllm_specextend.vllm_glue.rotation import move_back_
 
 NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 32, 32, 16
 GEOMETRY = WorkingCacheGeometry(draft_window=128, chunk_size=16, top_k_chunks=3,
@@ -64,7 +65,7 @@ def filled():
         values.append(row_values)
 
     caches = WorkingCaches({"layer": layer}, GEOMETRY, num_caches=2, block_size=BLOCK_SIZE,
-                           dtype=dtype, device=torch.device("cpu"))
+                           dtype=dtype, device=torch.device("cpu"), move_back=move_back_)
     context = torch.tensor(CONTEXT_LENS)
     window_start = window_starts(context, GEOMETRY.chunk_size, GEOMETRY.recent_tokens)
     kept = torch.tensor(KEPT_CHUNKS)

@@ -2,6 +2,7 @@
 top-k selection among the chunks before it, compact positions, and RoPE
 moves between positions (checked against rotating from scratch)."""
 
+import pytest
 import torch
 
 from vllm_specextend.attention.rope import rotate_by
@@ -103,3 +104,21 @@ def test_vllms_fused_kernel_moves_back_as_the_reference():
     move_back_(amount, backward_table(cos_sin), query, key)
     torch.testing.assert_close(query, expected_query, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(key, expected_key, atol=1e-5, rtol=1e-5)
+
+
+def test_a_working_cache_view_takes_the_dimension_order_of_vllms_cache():
+    """vLLM's cache may be a permuted view ([blocks, block_size, heads, dim]
+    over [blocks, heads, block_size, dim] storage): the working cache's view
+    orders its strides alike and covers its storage exactly once."""
+    from vllm_specextend.paged_cache import dense_view_like
+
+    like = torch.zeros(5, 2, 16, 8).permute(0, 2, 1, 3)
+    storage = torch.zeros(3 * 16 * 2 * 8)
+    view = dense_view_like(storage, like, num_blocks=3)
+    assert view.shape == (3, 16, 2, 8)
+    assert view.stride() == (16 * 2 * 8, 8, 16 * 8, 1)
+    view.copy_(torch.arange(storage.numel(), dtype=torch.float32).view(3, 2, 16, 8)
+               .permute(0, 2, 1, 3))
+    assert storage.tolist() == list(range(storage.numel()))
+    with pytest.raises(ValueError, match="cannot hold"):
+        dense_view_like(torch.zeros(100), like, num_blocks=3)

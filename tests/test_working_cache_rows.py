@@ -61,3 +61,54 @@ def test_a_rounds_rows_split_by_where_they_draft():
     assert first.main_query_start_loc.tolist() == [0, 1, 2]
     step = rows.tokens(np.ones(4, dtype=np.int64))
     assert step.compact_tokens.tolist() == [0, 2] and step.main_tokens.tolist() == [1, 3]
+
+
+def test_a_draft_forward_plans_each_sub_batch_over_its_own_cache():
+    """A round of three rows, the middle one over working cache 1 (offset
+    1000: its window starts 1000 tokens before its true positions). The
+    first pass reads true positions; the first draft step moves the row to
+    compact ones and drops its writes to vLLM's cache."""
+    import torch
+
+    from vllm_specextend.config import WorkingCacheGeometry
+    from vllm_specextend.retrieval.working_caches import DraftRound, WorkingCaches
+
+    geometry = WorkingCacheGeometry(draft_window=256, chunk_size=16, top_k_chunks=4,
+                                    recent_tokens=64, tokens_between_refreshes=8,
+                                    positions_past_window=4, retrieval_min_len=200,
+                                    whole_context_max_len=200, main_window=256)
+    layer = type("Layer", (), {"num_kv_heads": 1, "head_size": 4, "head_size_v": 4})()
+    caches = WorkingCaches({"layer": layer}, geometry, num_caches=2, block_size=16,
+                           dtype=torch.float32, device=torch.device("cpu"), move_back=None)
+    caches.offsets[1] = 1000
+    staging = type("Staging", (), {"to_device": lambda self, name, v: torch.from_numpy(v)})()
+    draft_round = DraftRound(caches, np.array([NO_CACHE, 1, NO_CACHE]),
+                             first_pass_query_lens=np.array([2, 3, 1]), staging=staging)
+    seq_lens = torch.tensor([300, 1100, 50])
+    cad = type("Metadata", (), {"seq_lens": seq_lens, "max_seq_len": 1100,
+                                "block_table_tensor": torch.arange(3 * 70).view(3, 70),
+                                "slot_mapping": torch.arange(6) + 500})()
+    built = []
+
+    def metadata_of(query_lens, query_start_loc, seq_lens, block_table, slots, max_seq_len):
+        built.append((query_lens.tolist(), seq_lens.tolist(), slots.tolist(), max_seq_len))
+        return len(built)
+
+    positions = torch.tensor([298, 299, 1097, 1098, 1099, 49])
+    plan, edits = draft_round.plan_forward(metadata_of, cad, positions, draft_index=0)
+    compact_slots = (caches.slot_base(torch.tensor([1])) + torch.tensor([97, 98, 99])).tolist()
+    assert built == [([3], [100], compact_slots, geometry.capacity),
+                     ([2, 1], [300, 50], [500, 501, 505], 1100)]
+    assert plan.compact_tokens.tolist() == [2, 3, 4] and plan.main_tokens.tolist() == [0, 1, 5]
+    assert plan.compact_offsets.tolist() == [1000] * 3  # rotated back in the forward
+    assert edits.positions is None and not edits.drop_cache_writes
+
+    built.clear()
+    step_positions = torch.tensor([300, 1100, 50])  # one token a row from here
+    cad.slot_mapping = torch.tensor([600, 601, 602])
+    plan, edits = draft_round.plan_forward(metadata_of, cad, step_positions, draft_index=1)
+    assert edits.tokens.tolist() == [1] and edits.positions.tolist() == [100]
+    assert edits.drop_cache_writes and plan.compact_offsets is None
+    edits.apply(step_positions, cad.slot_mapping)
+    assert step_positions.tolist() == [300, 100, 50]
+    assert cad.slot_mapping.tolist() == [600, NO_CACHE, 602]

@@ -65,6 +65,15 @@ class SpecExtendConfigError(ValueError):
     """A SpecExtend setting is wrong; the message names the field."""
 
 
+# vLLM settings a tree cannot honour: (field, the only value it takes, why).
+TREE_CONFLICTS = (
+    ("rejection_sample_method", "standard",
+     "SpecExtend's tree verification (lossless) replaces vLLM's rejection sampler"),
+    ("num_speculative_tokens_per_batch_size", None,
+     "every step grows a tree of tree_nodes nodes, whatever the batch size"),
+)
+
+
 class SpecExtendConfig(BaseModel):
     """SpecExtend's own settings (arXiv 2505.20776, defaults from section 5)."""
 
@@ -254,6 +263,85 @@ class SpecExtendConfig(BaseModel):
                 f"top_k_chunks={geometry.top_k_chunks} working_cache_capacity="
                 f"{geometry.capacity} retrieval_min_len={geometry.retrieval_min_len} "
                 f"whole_context_max_len={geometry.whole_context_max_len})")
+
+    def tree_speculative_config(self, vllm_speculative: dict[str, Any],
+                                async_scheduling: bool | None) -> dict[str, Any]:
+        """vLLM's speculative config for tree mode. A tree's nodes are vLLM's
+        scheduled draft tokens, so the node budget is num_speculative_tokens.
+        Verification, acceptance and compaction run between the runner's
+        sampling and drafting, which async scheduling overlaps: it must be
+        off (the caller turns it off)."""
+        given = vllm_speculative.get("num_speculative_tokens")
+        if given is not None and given != self.tree_nodes:
+            raise SpecExtendConfigError(
+                f"speculative_config.num_speculative_tokens={given}: with tree=true the "
+                f"draft tokens per step are the tree's nodes; set tree_nodes (now "
+                f"{self.tree_nodes}) and leave num_speculative_tokens out, or equal")
+        for field, allowed, why in TREE_CONFLICTS:
+            if vllm_speculative.get(field, allowed) != allowed:
+                raise SpecExtendConfigError(
+                    f"speculative_config.{field}={vllm_speculative[field]!r}: with "
+                    f"tree=true {why}; leave {field} unset")
+        if async_scheduling:
+            raise SpecExtendConfigError(
+                "async_scheduling=true: speculative_config.tree=true needs the runner "
+                "to accept a tree before it drafts the next one; leave async "
+                "scheduling unset")
+        return {**vllm_speculative, "num_speculative_tokens": self.tree_nodes}
+
+    def servable_policy(self, async_scheduling: bool) -> tuple["SpecExtendConfig", str | None]:
+        """The per-request policy cuts each request's drafts before the
+        scheduler sees them: with async scheduling the scheduler has placed
+        them already, and a tree's nodes are no chain to cut. Asked for
+        there, it is an error; by default it turns off. Returns the settings
+        and, when it turned off, why."""
+        conflict = None
+        if async_scheduling:
+            conflict = "async scheduling schedules drafts before the policy has cut them"
+        elif self.tree:
+            conflict = "tree=true drafts trees, whose nodes are not a chain to cut"
+        if not self.adaptive or conflict is None:
+            return self, None
+        if "adaptive" in self.model_fields_set:
+            raise SpecExtendConfigError(
+                f"speculative_config.adaptive=true: {conflict}; set adaptive to false"
+                + (" or turn async scheduling off (--no-async-scheduling)"
+                   if not self.tree else ""))
+        return self.model_copy(update={"adaptive": False}), conflict
+
+    def describe(self, geometry: WorkingCacheGeometry, max_model_len: int) -> str:
+        """What the draft reads and how it drafts, in words (the start-up log)."""
+        return f"{self._describe_context(geometry, max_model_len)}; {self._describe_drafting()}"
+
+    def _describe_context(self, geometry: WorkingCacheGeometry, max_model_len: int) -> str:
+        if self.builds_working_caches(geometry, max_model_len):
+            if geometry.whole_context_max_len > geometry.retrieval_min_len:
+                chooser = ("each request drafts over whichever it measures faster"
+                           if self.adaptive else "adaptive=false: always the working cache")
+                return (f"Cross-model Retrieval on; contexts of "
+                        f"{geometry.retrieval_min_len + 1} to {geometry.whole_context_max_len} "
+                        f"tokens may draft whole or over a working cache: {chooser}")
+            return "Cross-model Retrieval on"
+        if self.retrieval:
+            return (f"Cross-model Retrieval idle: max_model_len={max_model_len} is within "
+                    f"retrieval_min_len={geometry.retrieval_min_len}, so the draft reads "
+                    f"every request whole, as stock draft_model does")
+        if geometry.window_binds(max_model_len):
+            return (f"retrieval=false: the draft attends over at most the newest "
+                    f"{geometry.main_window} positions (a sliding window)")
+        return "retrieval=false: the draft sees the full context (stock draft_model)"
+
+    def _describe_drafting(self) -> str:
+        if self.draft_method != "draft_model":
+            return f"chain drafts from an {self.draft_method} head"
+        if self.tree:
+            return (f"tree mode on: dynamic draft trees of {self.tree_nodes} nodes, depth "
+                    f"at most {self.tree_max_depth}, threshold {self.tree_threshold}, "
+                    f"verified with Hybrid Tree Attention")
+        if self.hybrid_tree_attention:
+            return (f"chain drafts; Hybrid Tree Attention verifies prefixes from "
+                    f"{self.hybrid_tree_attention_min_len} tokens")
+        return "chain drafts; Hybrid Tree Attention off (vLLM's own verification)"
 
 
 def split_speculative_config(

@@ -25,7 +25,7 @@ import torch
 
 from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.rotation import move_back_
-from vllm_specextend.vllm_glue.working_cache import DraftStepPlan, WorkingCaches
+from vllm_specextend.retrieval.working_caches import DraftStepPlan, WorkingCaches
 
 
 class DraftAttention:

@@ -18,7 +18,7 @@ from vllm.forward_context import set_forward_context
 
 from vllm_specextend.policy.stale_drafts import StaleDrafts
 from vllm_specextend.retrieval.draft_rows import concatenated_ranges, query_starts
-from vllm_specextend.vllm_glue.working_cache import HostStaging, sub_batch_metadata
+from vllm_specextend.vllm_glue.batches import HostStaging, sub_batch_metadata
 
 # A request stepped aside probes every 16 rounds at most: one catch-up reads
 # about that many tokens. Past this many a round runs the draft anyway.

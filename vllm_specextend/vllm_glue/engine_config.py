@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from vllm_specextend.config import (
@@ -24,13 +23,15 @@ from vllm_specextend.config import (
     WorkingCacheGeometry,
     split_speculative_config,
 )
+from vllm_specextend.draft_files import (
+    check_auxiliary_layers,
+    config_json,
+    detected_draft_method,
+    draft_config_file,
+)
 from vllm_specextend.metrics import register_metrics
-from vllm_specextend.models.eagle3 import SPECULATORS_EAGLE3_FIELDS
 
 logger = logging.getLogger("vllm.specextend")  # under vLLM's logger: same handler and format
-
-# vLLM architectures of EAGLE heads, and the method that runs each.
-EAGLE_ARCHITECTURES = {"Eagle3": "eagle3", "Eagle": "eagle"}
 
 
 def _requested_method(engine_args: Any) -> str | None:
@@ -38,44 +39,11 @@ def _requested_method(engine_args: Any) -> str | None:
     return spec.get("method", engine_args.spec_method)
 
 
-def _config_json(model: str | None) -> dict:
-    """A model's config.json when it is a local folder, else {}."""
-    config_file = Path(model or "") / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-
-def draft_config_file(model: str | None, field: str = "speculative_config.model") -> dict:
-    """The draft's config.json (`_config_json`). A head in the speculators
-    format reads as vLLM reads it: its layer's config with the EAGLE-3
-    fields beside it."""
-    config = _config_json(model)
-    if "speculators_config" not in config:
-        return config
-    kind = config.get("speculators_model_type")
-    if kind != "eagle3":
-        raise SpecExtendConfigError(
-            f"{field}: {model} is a speculators-format {kind!r} checkpoint; SpecExtend "
-            f"drafts with draft models and EAGLE-3 heads (speculators_model_type 'eagle3')")
-    return {**config.get("transformer_layer_config", {}),
-            "architectures": config.get("architectures") or ["Eagle3Speculator"],
-            **{key: config[key] for key in SPECULATORS_EAGLE3_FIELDS
-               if config.get(key) is not None}}
-
-
-def detected_draft_method(model: str | None, field: str = "speculative_config.model") -> str:
-    """eagle3 / eagle for an EAGLE head's architecture, else draft_model."""
-    for architecture in draft_config_file(model, field).get("architectures") or []:
-        for marker, method in EAGLE_ARCHITECTURES.items():
-            if marker in architecture:
-                return method
-    return "draft_model"
-
-
 def _served_speculator(engine_args: Any) -> str | None:
     """The model served when it is a speculators-format head: vLLM then
     serves the head's verifier and drafts with the head (locking the method
     to the head's), whatever the speculative config names."""
-    return engine_args.model if "speculators_config" in _config_json(engine_args.model) else None
+    return engine_args.model if "speculators_config" in config_json(engine_args.model) else None
 
 
 def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
@@ -105,47 +73,14 @@ def _take_specextend_settings(engine_args: Any) -> SpecExtendConfig:
     else:
         rest["method"] = settings.draft_method
     if settings.tree:
-        _configure_tree_mode(settings, rest, engine_args)
+        rest = settings.tree_speculative_config(rest, engine_args.async_scheduling)
+        engine_args.async_scheduling = False
     engine_args.speculative_config = rest
     engine_args.additional_config = {
         **(engine_args.additional_config or {}),
         ADDITIONAL_CONFIG_KEY: settings.model_dump(),
     }
     return settings
-
-
-# vLLM settings a tree cannot honour: (field, the only value it takes, why).
-TREE_CONFLICTS = (
-    ("rejection_sample_method", "standard",
-     "SpecExtend's tree verification (lossless) replaces vLLM's rejection sampler"),
-    ("num_speculative_tokens_per_batch_size", None,
-     "every step grows a tree of tree_nodes nodes, whatever the batch size"),
-)
-
-
-def _configure_tree_mode(settings: SpecExtendConfig, rest: dict, engine_args: Any) -> None:
-    """A tree's nodes are vLLM's scheduled draft tokens, so the node budget is
-    num_speculative_tokens. Verification, acceptance and compaction run
-    between the runner's sampling and drafting, which async scheduling
-    overlaps, so it is off."""
-    given = rest.get("num_speculative_tokens")
-    if given is not None and given != settings.tree_nodes:
-        raise SpecExtendConfigError(
-            f"speculative_config.num_speculative_tokens={given}: with tree=true the "
-            f"draft tokens per step are the tree's nodes; set tree_nodes (now "
-            f"{settings.tree_nodes}) and leave num_speculative_tokens out, or equal")
-    rest["num_speculative_tokens"] = settings.tree_nodes
-    for field, allowed, why in TREE_CONFLICTS:
-        if rest.get(field, allowed) != allowed:
-            raise SpecExtendConfigError(
-                f"speculative_config.{field}={rest[field]!r}: with tree=true {why}; "
-                f"leave {field} unset")
-    if engine_args.async_scheduling:
-        raise SpecExtendConfigError(
-            "async_scheduling=true: speculative_config.tree=true needs the runner "
-            "to accept a tree before it drafts the next one; leave async "
-            "scheduling unset")
-    engine_args.async_scheduling = False
 
 
 def _is_cpu() -> bool:
@@ -198,26 +133,14 @@ def check_engine_fit(settings: SpecExtendConfig, vllm_config: Any) -> None:
 
 
 def _resolve_adaptive(settings: SpecExtendConfig, vllm_config: Any) -> SpecExtendConfig:
-    """The per-request policy cuts each request's drafts before the scheduler
-    sees them: with async scheduling the scheduler has placed them already,
-    and a tree's nodes are no chain to cut. Asked for there, it is an error;
-    by default it turns off, once said in the log."""
-    conflict = None
-    if vllm_config.scheduler_config.async_scheduling:
-        conflict = "async scheduling schedules drafts before the policy has cut them"
-    elif settings.tree:
-        conflict = "tree=true drafts trees, whose nodes are not a chain to cut"
-    if not settings.adaptive or conflict is None:
-        return settings
-    if "adaptive" in settings.model_fields_set:
-        raise SpecExtendConfigError(
-            f"speculative_config.adaptive=true: {conflict}; set adaptive to false"
-            + (" or turn async scheduling off (--no-async-scheduling)"
-               if not settings.tree else ""))
-    logger.info("SpecExtend: per-request speculation policy off: %s.", conflict)
-    settings = settings.model_copy(update={"adaptive": False})
-    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
-    return settings
+    """The policy off where it cannot serve (`SpecExtendConfig.servable_policy`),
+    in the settings every process gets."""
+    servable, turned_off = settings.servable_policy(
+        vllm_config.scheduler_config.async_scheduling)
+    if turned_off is not None:
+        logger.info("SpecExtend: per-request speculation policy off: %s.", turned_off)
+        vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = servable.model_dump()
+    return servable
 
 
 # The block size vLLM's CPU build picks when the user sets none (its
@@ -264,35 +187,13 @@ def _check_eagle_head(settings: SpecExtendConfig, vllm_config: Any) -> None:
                 f"vLLM; supported: Llama and Qwen2 families, among others")
     head = draft_config_file(spec.draft_model_config.model)
     if settings.draft_method == "eagle3":
-        _check_auxiliary_layers(head, target.hf_text_config.num_hidden_layers)
+        check_auxiliary_layers(head, target.hf_text_config.num_hidden_layers)
     head_width = head.get("target_hidden_size") or head.get("hidden_size")
     if head_width and head_width != target.get_hidden_size():
         raise SpecExtendConfigError(
             f"speculative_config.model: the {settings.draft_method} head reads hidden "
             f"states of width {head_width}, but the target's hidden size is "
             f"{target.get_hidden_size()}: the head was trained for another target")
-
-
-def _check_auxiliary_layers(head: dict, num_layers: int) -> None:
-    """A head that names no target layers to read gets vLLM's default,
-    (2, n // 2, n - 3) of an n-layer target (Llama, Qwen2); on a shallow
-    target those are fewer than the three layers the head folds, and the
-    first decoding step would fail."""
-    eagle_config = head.get("eagle_config") or {}
-    if (head.get("eagle_aux_hidden_state_layer_ids")
-            or eagle_config.get("eagle_aux_hidden_state_layer_ids")
-            or eagle_config.get("use_aux_hidden_state") is False):
-        return
-    default = (2, num_layers // 2, num_layers - 3)
-    layers = {layer for layer in default if 0 <= layer < num_layers}
-    if len(layers) < 3:
-        raise SpecExtendConfigError(
-            f"speculative_config.model: the EAGLE-3 head's config.json names no target "
-            f"layers to read (eagle_config.eagle_aux_hidden_state_layer_ids), and vLLM's "
-            f"default for this {num_layers}-layer target, {default}, is {len(layers)} "
-            f"distinct layers where the head folds three; add "
-            f"eagle_config.eagle_aux_hidden_state_layer_ids (three layers of the target, "
-            f"as the head was trained) to its config.json")
 
 
 def settings_of(vllm_config: Any) -> SpecExtendConfig | None:
@@ -326,40 +227,6 @@ def log_settings(where: str, vllm_config: Any) -> SpecExtendConfig | None:
     return settings
 
 
-def _retrieval_summary(settings: SpecExtendConfig, vllm_config: Any) -> str:
-    geometry = geometry_of(settings, vllm_config)
-    max_model_len = vllm_config.model_config.max_model_len
-    if settings.builds_working_caches(geometry, max_model_len):
-        if geometry.whole_context_max_len > geometry.retrieval_min_len:
-            chooser = ("each request drafts over whichever it measures faster"
-                       if settings.adaptive else "adaptive=false: always the working cache")
-            return (f"Cross-model Retrieval on; contexts of {geometry.retrieval_min_len + 1} "
-                    f"to {geometry.whole_context_max_len} tokens may draft whole or over a "
-                    f"working cache: {chooser}")
-        return "Cross-model Retrieval on"
-    if settings.retrieval:
-        return (f"Cross-model Retrieval idle: max_model_len={max_model_len} is within "
-                f"retrieval_min_len={geometry.retrieval_min_len}, so the draft reads every "
-                f"request whole, as stock draft_model does")
-    if geometry.window_binds(max_model_len):
-        return (f"retrieval=false: the draft attends over at most the newest "
-                f"{geometry.main_window} positions (a sliding window)")
-    return "retrieval=false: the draft sees the full context (stock draft_model)"
-
-
-def _drafting_summary(settings: SpecExtendConfig) -> str:
-    if settings.draft_method != "draft_model":
-        return f"chain drafts from an {settings.draft_method} head"
-    if settings.tree:
-        return (f"tree mode on: dynamic draft trees of {settings.tree_nodes} nodes, depth "
-                f"at most {settings.tree_max_depth}, threshold {settings.tree_threshold}, "
-                f"verified with Hybrid Tree Attention")
-    if settings.hybrid_tree_attention:
-        return (f"chain drafts; Hybrid Tree Attention verifies prefixes from "
-                f"{settings.hybrid_tree_attention_min_len} tokens")
-    return "chain drafts; Hybrid Tree Attention off (vLLM's own verification)"
-
-
 def wrap_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
@@ -377,11 +244,8 @@ def wrap_create_engine_config(original):
         check_engine_fit(settings, vllm_config)
         register_metrics()
         log_settings("front end", vllm_config)
-        logger.info(
-            "SpecExtend: %s; %s.",
-            _retrieval_summary(settings, vllm_config),
-            _drafting_summary(settings),
-        )
+        logger.info("SpecExtend: %s.", settings.describe(
+            geometry_of(settings, vllm_config), vllm_config.model_config.max_model_len))
         return vllm_config
 
     return create_engine_config

@@ -3,7 +3,10 @@
 Class patches name their target (module, class, attribute) and their
 replacement; applying them is idempotent per process, refuses to patch one
 attribute twice, and logs each replacement once, so a vLLM upgrade shows its
-breakage here. Changes to objects vLLM builds (a layer's attention, its
+breakage here. A patch of a function vLLM calls without a runner at hand
+(its samplers' helpers) can wait for a runner of the process to serve
+SpecExtend (`on_serving`): until then, and in processes that never serve
+it, vLLM runs unchanged, with no flag to ask. Changes to objects vLLM builds (a layer's attention, its
 rotary table) go through `replace_on_instance`, which records them here
 too: `applied_patches()` lists both.
 """
@@ -26,10 +29,13 @@ class Patch:
     make_replacement: Callable[[Any], Any]
     why: str
     adds: bool = False  # a new attribute, which this vLLM must not have yet
+    on_serving: bool = False  # applied once a runner of the process serves SpecExtend
 
 
 # (module, qualname) -> original attribute, for every patch applied here.
 _applied: dict[tuple[str, str], Any] = {}
+# Patches waiting for a runner of this process to serve SpecExtend.
+_on_serving: list[Patch] = []
 # (class qualname, attribute) -> (why, instances changed), in this process.
 _instance_changes: dict[tuple[str, str], tuple[str, int]] = {}
 
@@ -55,6 +61,18 @@ def missing(patches: list[Patch]) -> list[str]:
 
 
 def apply_patches(patches: list[Patch]) -> None:
+    """Apply `patches`, but keep those `on_serving` for `serving_started`."""
+    _on_serving.extend(patch for patch in patches
+                       if patch.on_serving and patch not in _on_serving)
+    _apply([patch for patch in patches if not patch.on_serving])
+
+
+def serving_started() -> None:
+    """A runner of this process serves SpecExtend: apply what waited for it."""
+    _apply(_on_serving)
+
+
+def _apply(patches: list[Patch]) -> None:
     for patch in patches:
         key = (patch.module, patch.qualname)
         if key in _applied:

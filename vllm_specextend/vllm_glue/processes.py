@@ -7,14 +7,13 @@ without one runs vLLM's step untouched."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import sys
 
+from vllm_specextend.process_memory import malloc_totals
 from vllm_specextend.vllm_glue.engine_config import log_settings
-from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.patching import replace_on_instance, serving_started
 from vllm_specextend.vllm_glue.proposer import install_proposer, proposer_of
-from vllm_specextend.vllm_glue.sampling import ACTIVE
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
 
 
@@ -28,7 +27,7 @@ def wrap_runner_init(original):
         settings = log_settings("worker", vllm_config)
         if settings is None:
             return original(self, *args, **kwargs)
-        ACTIVE["worker"] = True
+        serving_started()
         if settings.verifies_with_hta:
             # Before the model builds its attention layers.
             from vllm_specextend.vllm_glue.trees.backend import register_hybrid_tree_backend
@@ -147,23 +146,3 @@ def add_worker_state(_absent):
         return state
 
     return specextend_state
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def malloc_totals() -> dict:
-    """glibc's heap, all arenas: bytes in use (tensors, Python objects, ...)
-    and bytes freed but kept by the allocator, which RSS counts alike; {}
-    where glibc's mallinfo2 is missing."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return {}
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return {"malloc_in_use_bytes": info.uordblks + info.hblkhd,
-            "malloc_free_held_bytes": info.fordblks}

@@ -18,7 +18,11 @@ import dataclasses
 import numpy as np
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.eagle import EagleProposer
 
@@ -26,19 +30,22 @@ from vllm_specextend.attention.rope import backward_table, rotary_table
 from vllm_specextend.config import SpecExtendConfig, SpecExtendConfigError
 from vllm_specextend.metrics import MetricsFile
 from vllm_specextend.policy.step_clock import StepClock
-from vllm_specextend.retrieval.ownership import NO_CACHE, WorkingCacheOwners
-from vllm_specextend.vllm_glue.cross_model_retrieval import (
+from vllm_specextend.retrieval.cross_model_retrieval import (
     CrossModelRetrieval,
     FinalLayerCapture,
 )
+from vllm_specextend.retrieval.ownership import NO_CACHE, WorkingCacheOwners
+from vllm_specextend.retrieval.working_caches import DraftRound, WorkingCaches
 from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
 from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.logs import info_first, logger
 from vllm_specextend.vllm_glue.patching import replace_on_instance
+from vllm_specextend.vllm_glue.rotation import move_back_
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
-from vllm_specextend.vllm_glue.working_cache import DraftRound, HostStaging, WorkingCaches
+from vllm_specextend.vllm_glue.step import StepRecord
+from vllm_specextend.vllm_glue.batches import HostStaging, sub_batch_metadata
 
 MIB = 1 << 20
 
@@ -61,7 +68,7 @@ class SpecExtendProposer:
         super().__init__(vllm_config, device, runner)
         self.runner = runner  # SpecExtend's step reads the batch from it
         self.settings = settings
-        self.draft_round: DraftRound | None = None  # while a round drafts
+        self.step = StepRecord()  # what the runner's current step planned
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
@@ -85,7 +92,7 @@ class SpecExtendProposer:
         if settings.builds_working_caches(self.geometry, max_model_len):
             num_caches = settings.max_working_caches_for(max_requests)
             self.caches = WorkingCaches(self.draft_layers, self.geometry, num_caches,
-                                        block_size, dtype, device)
+                                        block_size, dtype, device, move_back_)
             self.owners = WorkingCacheOwners(num_caches)
         scratch = _tree_scratch(self.draft_layers, settings, vllm_config, dtype, device)
         window = self.geometry.main_window if self.geometry.window_binds(max_model_len) else None
@@ -102,7 +109,7 @@ class SpecExtendProposer:
             self.retrieval = CrossModelRetrieval(
                 settings, self.geometry, capture, target_layer,
                 reader_for(target_layer, block_size, dtype, vllm_config.cache_config.cache_dtype),
-                block_size)
+                block_size, _mean_over_tensor_parallel_ranks)
         self.verification = self.tree_drafter = None
         if settings.verifies_with_hta:  # the trees package is opt-in
             from vllm_specextend.vllm_glue.trees.drafting import TreeDrafter
@@ -111,10 +118,10 @@ class SpecExtendProposer:
             target_layers = {name: layer for name, layer in forward_context.items()
                              if name not in self.draft_layers}
             self.verification = TreeVerification(
-                settings, target_layers,
+                settings, self.step, target_layers,
                 [] if self.retrieval is None else [self.retrieval.capture.queries])
             if settings.tree:
-                self.tree_drafter = TreeDrafter(self, self.verification.step, self.draft_layers,
+                self.tree_drafter = TreeDrafter(self, self.step, self.draft_layers,
                                                 self.draft_reader, settings,
                                                 self.geometry.main_window, block_size)
         self.policy_hooks = self.catch_up = None
@@ -150,11 +157,12 @@ class SpecExtendProposer:
         # No drafts were verified: the draft samples after each last token.
         query_indices = (metadata.query_start_loc[1:] - 1 if token_indices_to_sample is None
                          else token_indices_to_sample).long()
-        self.draft_round = self._refresh_and_plan(metadata, query_indices, target_positions)
+        self.step.draft_round = self._refresh_and_plan(metadata, query_indices,
+                                                       target_positions)
         try:
             if self.tree_drafter is not None:
                 return self.tree_drafter.propose(
-                    self.runner.input_batch.req_ids[: metadata.num_reqs], self.draft_round,
+                    self.runner.input_batch.req_ids[: metadata.num_reqs], self.step.draft_round,
                     target_token_ids, target_positions, next_token_ids, query_indices,
                     metadata, num_rejected_tokens_gpu)
             drafts = super().propose(
@@ -164,7 +172,7 @@ class SpecExtendProposer:
                 common_attn_metadata=metadata, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
                 **vllm_arguments)
         finally:
-            self.draft_round = None
+            self.step.draft_round = None
         if self.policy_hooks is not None:
             self.policy_hooks.round_ended(round_length, caught_up)
         return drafts
@@ -173,18 +181,19 @@ class SpecExtendProposer:
         """Per-layer metadata of one draft forward: vLLM's own unless a row
         of the round drafts over its working cache, else the split
         `DraftStepPlan`."""
-        if self.draft_round is None or not self.draft_round.uses_working_caches:
+        draft_round = self.step.draft_round
+        if draft_round is None or not draft_round.uses_working_caches:
             return super().build_per_group_and_layer_attn_metadata(common_attn_metadata,
                                                                    draft_index)
         [group] = self.draft_attn_groups
 
-        def builder_of(sub_cad):
-            return group.build_metadata_for_drafting(common_attn_metadata=sub_cad,
-                                                     draft_index=draft_index)
+        def metadata_of(*sub_batch):
+            return group.build_metadata_for_drafting(
+                common_attn_metadata=sub_batch_metadata(*sub_batch), draft_index=draft_index)
 
         positions = self.positions[: common_attn_metadata.num_actual_tokens]
-        plan, edits = self.draft_round.plan_forward(builder_of, common_attn_metadata,
-                                                    positions, draft_index)
+        plan, edits = draft_round.plan_forward(metadata_of, common_attn_metadata, positions,
+                                               draft_index)
         edits.apply(positions, common_attn_metadata.slot_mapping)
         return [plan], dict.fromkeys(group.layer_names, plan)
 
@@ -307,8 +316,7 @@ class SpecExtendProposer:
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
             self.catch_up.stale.forget(req_id)
-        if self.verification is not None:
-            self.verification.forget(req_id)
+        self.step.proposed_trees.pop(req_id, None)
         # vLLM dropped it already: with the last one gone, the totals are final.
         self.publish_metrics(force=not self.runner.requests)
 
@@ -317,8 +325,7 @@ class SpecExtendProposer:
         working caches' counters and the speculation policy's."""
         state = {"working_cache_holders": len(self.owners.holder) if self.owners else 0,
                  "working_caches": self.caches.num_caches if self.caches else 0,
-                 "proposed_trees": (len(self.verification.step.proposed)
-                                    if self.verification is not None else 0),
+                 "proposed_trees": len(self.step.proposed_trees),
                  **dataclasses.asdict(self.counters)}
         if self.policy_hooks is not None:
             state.update(self.policy_hooks.policy.state() | self.catch_up.state())
@@ -369,6 +376,11 @@ def proposer_of(runner) -> SpecExtendProposer | None:
     """The runner's SpecExtend proposer, if it serves SpecExtend."""
     drafter = getattr(runner, "drafter", None)
     return drafter if isinstance(drafter, SpecExtendProposer) else None
+
+
+def _mean_over_tensor_parallel_ranks(scores: torch.Tensor) -> torch.Tensor:
+    world_size = get_tensor_model_parallel_world_size()
+    return scores if world_size == 1 else tensor_model_parallel_all_reduce(scores) / world_size
 
 
 def _rotary_attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -83,6 +83,7 @@ PATCHES = [
         wrap_expand_batch_to_tokens,
         "CPU build: vLLM's fallback loses float sampling parameters; chains that "
         "sample go through vLLM's rejection sampler",
+        on_serving=True,
     ),
     Patch(
         "vllm.v1.sample.rejection_sampler",
@@ -90,6 +91,7 @@ PATCHES = [
         wrap_apply_sampling_constraints,
         "CPU build: a sampling step with no drafts at all skips vLLM's top-k "
         "fallback, which fails on zero rows",
+        on_serving=True,
     ),
     Patch(
         "vllm.v1.engine.input_processor",

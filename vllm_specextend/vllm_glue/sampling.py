@@ -3,7 +3,8 @@
 Chains go through vLLM's rejection sampler, on the CPU build too: its CPU
 fallback for `expand_batch_to_tokens` casts float parameters (temperature,
 top-p) to int64 and writes into that copy, so the expansion is replaced
-there (SpecExtend engines, CPU tensors only) by a plain repeat. Its CPU
+there (CPU tensors, in processes serving SpecExtend: `Patch.on_serving`)
+by a plain repeat. Its CPU
 top-k fallback also fails on a step with no drafts at all (`k.max()` of an
 empty tensor: every request prefilling, or past the draft's reach), so such a
 step skips the constraints, which have no draft rows to act on.
@@ -24,10 +25,8 @@ import functools
 
 import torch
 
+from vllm_specextend.tree.verification import tree_mode_refusal
 from vllm_specextend.vllm_glue.engine_config import settings_of
-
-# Worker processes whose runner serves SpecExtend (set at runner start).
-ACTIVE = {"worker": False}
 
 
 def node_sampling_metadata(metadata, rows_per_request: torch.Tensor):
@@ -61,22 +60,10 @@ def node_sampling_metadata(metadata, rows_per_request: torch.Tensor):
         spec_token_ids=None, thinking_budget_state_holder=None)
 
 
-def tree_mode_refusal(params) -> tuple[str, object] | None:
-    """The first sampling parameter trees cannot serve, with its value."""
-    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                          ("repetition_penalty", 1.0), ("min_tokens", 0)):
-        value = getattr(params, name)
-        if value != neutral:
-            return name, value
-    if params.bad_words:
-        return "bad_words", params.bad_words
-    return None
-
-
 def wrap_apply_sampling_constraints(original):
     @functools.wraps(original)
     def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
-        if ACTIVE["worker"] and logits.is_cpu and logits.shape[0] == 0:
+        if logits.is_cpu and logits.shape[0] == 0:
             return logits
         return original(logits, cu_num_draft_tokens, sampling_metadata)
 
@@ -108,7 +95,7 @@ def wrap_validate_params(original):
 def wrap_expand_batch_to_tokens(original):
     @functools.wraps(original)
     def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
-        if not (ACTIVE["worker"] and x.is_cpu):
+        if not x.is_cpu:
             return original(x, cu_num_tokens, num_tokens, replace_from, replace_to)
         counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
         expanded = x.repeat_interleave(counts, output_size=num_tokens)

@@ -5,8 +5,8 @@ Registered over `CPU_ATTN` (vLLM's CPU platform always asks for it) when
 first; a target layer then computes the step's verification rows again
 with HTA and overwrites them: prefix part + tree part + LSE merge. Which
 rows is planned once per step by the runner (`verification`) in the
-`TreeStep` the proposer hands the target's layers at load; the draft's
-layers get none and verify nothing. HTA reads vLLM's own (packed) cache
+proposer's `StepRecord`, handed to the target's layers at load; the
+draft's layers get none and verify nothing. HTA reads vLLM's own (packed) cache
 through `kv_cache_reader`; the plugin keeps no copy of it.
 """
 
@@ -19,7 +19,8 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm_specextend.attention.hybrid_tree_attention import hybrid_tree_attention_cpu
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.logs import info_first, logger
-from vllm_specextend.vllm_glue.trees.step import ScheduledTrees, TreeStep
+from vllm_specextend.tree.verification import ScheduledTrees
+from vllm_specextend.vllm_glue.step import StepRecord
 
 BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"
 
@@ -31,16 +32,16 @@ class HybridTreeCPUAttentionImpl(CPUAttentionBackendImpl):
         self.block_size = vllm_config.cache_config.block_size
         self.reader = reader_for(self, self.block_size, vllm_config.model_config.dtype,
                                  vllm_config.cache_config.cache_dtype)
-        self.tree_step: TreeStep | None = None  # a target layer's, from `verify_with`
+        self.step: StepRecord | None = None  # a target layer's, from `verify_with`
 
-    def verify_with(self, tree_step: TreeStep) -> None:
-        """Make this a verifying (target) layer of the runner owning `tree_step`."""
-        self.tree_step = tree_step
+    def verify_with(self, step: StepRecord) -> None:
+        """Make this a verifying (target) layer of the runner owning `step`."""
+        self.step = step
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  *args, **kwargs)
-        trees = None if self.tree_step is None else self.tree_step.scheduled
+        trees = None if self.step is None else self.step.verification
         if trees is not None and attn_metadata is not None:
             self._verify_with_hta(trees, query, kv_cache, attn_metadata.block_table, output)
         return output

@@ -27,7 +27,8 @@ from vllm_specextend.paged_cache import slots_of
 from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, grow_tree
 from vllm_specextend.vllm_glue.logs import info_first
 from vllm_specextend.vllm_glue.rotation import move_back_
-from vllm_specextend.vllm_glue.trees.step import ProposedTree, TreeStep
+from vllm_specextend.tree.verification import ProposedTree
+from vllm_specextend.vllm_glue.step import StepRecord
 
 
 class TreeContext:
@@ -106,10 +107,10 @@ class DraftTreeLayer:
 
 
 class TreeDrafter:
-    def __init__(self, proposer, tree_step: TreeStep, layers: dict[str, object], reader,
+    def __init__(self, proposer, step: StepRecord, layers: dict[str, object], reader,
                  settings: SpecExtendConfig, main_window: int, block_size: int):
         self.proposer = proposer
-        self.tree_step = tree_step
+        self.step = step
         self.layers = layers
         self.reader = reader
         self.nodes = settings.tree_nodes
@@ -129,7 +130,7 @@ class TreeDrafter:
                               root_positions, self.main_window, self.block_size)
         tree = self._grow(root_hidden, root_positions, context)
         num_nodes = tree.num_nodes.tolist()
-        self.tree_step.proposed = {
+        self.step.proposed_trees = {
             req_id: ProposedTree(tree.depths[row, :count], tree.parents[row, :count])
             for row, (req_id, count) in enumerate(zip(req_ids, num_nodes))
         }

@@ -1,15 +1,19 @@
-"""Target side of Cross-model Retrieval inside vLLM's V1 runner.
+"""Target side of Cross-model Retrieval (section 3.2).
 
 The target's final attention layer keeps the post-RoPE queries of its last
 forward in a buffer allocated while the models load. At a refresh, the query
 of each request's last accepted token scores the request's chunks against
-the layer's keys, read from vLLM's own cache; the top chunks and the recent
-window are laid out in the request's working cache (section 3.2).
+the layer's keys, read from the engine's own cache; the top chunks and the
+recent window are laid out in the request's working cache. The engine's
+parts come in as arguments: the layer (its `kv_cache`, `impl.scale`), a
+reader of its packed cache, and how ranks of a split target agree on scores.
 """
 
 from __future__ import annotations
 
 import torch
+
+from typing import Callable
 
 from vllm_specextend.config import SpecExtendConfig, WorkingCacheGeometry
 from vllm_specextend.paged_cache import slots_of
@@ -24,7 +28,7 @@ from vllm_specextend.retrieval.working_cache import (
 
 class FinalLayerCapture:
     """Wraps the target's last attention `impl.forward`: copies the queries,
-    then runs vLLM's attention unchanged."""
+    then runs the engine's attention unchanged."""
 
     def __init__(self, original_forward, max_tokens: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -47,8 +51,12 @@ class CrossModelRetrieval:
     """Chooses each refreshed request's working set from the target's scores."""
 
     def __init__(self, settings: SpecExtendConfig, geometry: WorkingCacheGeometry,
-                 capture: FinalLayerCapture, target_layer, target_reader, block_size: int):
+                 capture: FinalLayerCapture, target_layer, target_reader, block_size: int,
+                 agree_on_scores: Callable[[torch.Tensor], torch.Tensor]):
         self.settings = settings
+        # Each rank of a split target scores with its own heads: all keep
+        # the chunks of the mean score.
+        self.agree_on_scores = agree_on_scores
         self.geometry = geometry
         self.capture = capture
         self.target_layer = target_layer
@@ -89,18 +97,4 @@ class CrossModelRetrieval:
             keys = self.target_reader.read_keys(kv_cache, slots.flatten())
             scores = chunk_scores_dense(query, keys.view(len(query), max_len, *keys.shape[1:]),
                                         context_lens, self.geometry.chunk_size, scale=scale)
-        return _mean_over_tensor_parallel_ranks(scores)
-
-
-def _mean_over_tensor_parallel_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Each rank scored with its own heads: average so all ranks keep the
-    same chunks."""
-    from vllm.distributed import (
-        get_tensor_model_parallel_world_size,
-        tensor_model_parallel_all_reduce,
-    )
-
-    world_size = get_tensor_model_parallel_world_size()
-    if world_size == 1:
-        return scores
-    return tensor_model_parallel_all_reduce(scores) / world_size
+        return self.agree_on_scores(scores)

@@ -1,4 +1,5 @@
-"""Working caches inside vLLM: cache blocks kept for drafting, per draft layer.
+"""Working caches: cache blocks kept for drafting, per draft layer, and the
+drafting round that reads them.
 
 Each draft layer gets cache blocks of its own shape and layout, allocated
 while the models load (so vLLM's memory profiling counts them) and viewed
@@ -14,24 +15,29 @@ rows without a working cache over vLLM's cache (true positions, a sliding
 window of `main_window`), rows with one over their working cache (a
 remapped block table, compact sequence lengths and slots, queries rotated
 to compact positions). Which rows hold a cache is decided on the host, from
-lengths vLLM keeps on the host; every tensor shape follows from it.
+lengths vLLM keeps on the host; every tensor shape follows from it. The
+engine's parts come in as arguments: its layers (`kv_cache`, `num_kv_heads`,
+`head_size`, `impl.do_kv_cache_update`), a reader of its packed cache, its
+fused RoPE kernel (`move_back`), its metadata builder (`metadata_of`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
-from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.utils import CpuGpuBuffer
 
 from vllm_specextend.config import WorkingCacheGeometry
-from vllm_specextend.paged_cache import slots_of
-from vllm_specextend.retrieval.draft_rows import RowSplit, TokenSplit, query_starts
+from vllm_specextend.paged_cache import dense_view_like, slots_of
+from vllm_specextend.retrieval.draft_rows import RowSplit, TokenSplit
 from vllm_specextend.retrieval.ownership import NO_CACHE
 from vllm_specextend.retrieval.working_cache import WorkingCacheLayout
-from vllm_specextend.vllm_glue.rotation import move_back_
+
+# Rotates queries (and keys) in place from position p to p - amount:
+# (amount, backward table, query, key=None).
+MoveBack = Callable[..., None]
 
 
 class WorkingCaches:
@@ -39,8 +45,10 @@ class WorkingCaches:
     `retrieval.ownership`)."""
 
     def __init__(self, layers: dict[str, object], geometry: WorkingCacheGeometry,
-                 num_caches: int, block_size: int, dtype: torch.dtype, device: torch.device):
+                 num_caches: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 move_back: MoveBack):
         self.geometry = geometry
+        self.move_back = move_back
         self.num_caches = num_caches
         self.block_size = block_size
         self.blocks_per_cache = -(-geometry.capacity // block_size)
@@ -65,7 +73,7 @@ class WorkingCaches:
         the dimension order of its vLLM cache `like`."""
         view = self._views.get(name)
         if view is None:
-            view = self._views[name] = _dense_view_like(self.storage[name], like,
+            view = self._views[name] = dense_view_like(self.storage[name], like,
                                                         self.num_blocks)
         return view
 
@@ -75,7 +83,8 @@ class WorkingCaches:
     def fill(self, layers: dict[str, object], reader, main_block_table: torch.Tensor,
              caches: torch.Tensor, layout: WorkingCacheLayout, backward: torch.Tensor) -> None:
         """Lay each row's working set out at compact positions in its cache
-        (`caches` [rows]), from every draft layer's K/V in vLLM's cache: a
+        (`caches` [rows]), from every draft layer's K/V in vLLM's cache (read
+        by `reader`, written by the layer's own cache write): a
         key moves back from its true position to its compact one (never
         forward: a kept token's compact position is at most its true one)."""
         capacity = self.geometry.capacity
@@ -89,25 +98,9 @@ class WorkingCaches:
         self.offsets[caches] = layout.offsets
         for name, layer in layers.items():
             keys, values = reader.read(layer.kv_cache, sources)
-            move_back_(amount, backward, keys)
+            self.move_back(amount, backward, keys)
             layer.impl.do_kv_cache_update(layer, keys, values,
                                           self.cache_of(name, layer.kv_cache), destinations)
-
-
-def _dense_view_like(storage: torch.Tensor, like: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """`storage` as a dense [num_blocks, *like.shape[1:]] cache whose
-    dimensions are laid out in `like`'s order (outermost: largest stride)."""
-    shape = (num_blocks, *like.shape[1:])
-    if storage.numel() != num_blocks * like[0].numel():
-        raise ValueError(f"working cache blocks of {storage.numel() // num_blocks} elements "
-                         f"cannot hold vLLM's blocks of shape {tuple(like.shape[1:])}")
-    order = sorted(range(len(shape)), key=lambda dim: (like.stride(dim), dim == 0))
-    strides = [0] * len(shape)
-    step = 1
-    for dim in order:
-        strides[dim] = step
-        step *= shape[dim]
-    return torch.as_strided(storage, shape, strides)
 
 
 @dataclasses.dataclass
@@ -129,10 +122,11 @@ class DraftStepPlan:
 class DraftRound:
     """One drafting round (a first pass and the following draft steps): which
     rows draft over working caches, and the index tensors every forward of
-    the round reuses, copied to the device once."""
+    the round reuses, copied to the device once (`staging.to_device(name,
+    values)`, through buffers allocated up front: no host sync)."""
 
     def __init__(self, caches: WorkingCaches, cache_of_row: np.ndarray,
-                 first_pass_query_lens: np.ndarray, staging: "HostStaging"):
+                 first_pass_query_lens: np.ndarray, staging):
         self.caches = caches
         rows = RowSplit.of(cache_of_row)
         self.compact_rows, self.main_rows = rows.compact_rows, rows.main_rows
@@ -161,10 +155,12 @@ class DraftRound:
             field: self.staging.to_device(f"{name}_{field}", getattr(split, field))
             for field in TOKEN_INDICES})
 
-    def plan_forward(self, builder_of, cad: CommonAttentionMetadata, positions: torch.Tensor,
-                     draft_index: int) -> tuple[DraftStepPlan, "VllmBufferEdits"]:
-        """Split one draft forward's batch; `builder_of(sub_cad)` builds vLLM's
-        metadata of a sub-batch, once for every layer. `positions` is the
+    def plan_forward(self, metadata_of, cad, positions: torch.Tensor,
+                     draft_index: int) -> tuple[DraftStepPlan, "BufferEdits"]:
+        """Split one draft forward's batch (`cad`: vLLM's common attention
+        metadata of it); `metadata_of(query_lens, query_start_loc, seq_lens,
+        block_table, slot_mapping, max_seq_len)` builds vLLM's metadata of a
+        sub-batch, once for every layer. `positions` is the
         proposer's position buffer of the forward: true positions in the
         first pass, whose tokens vLLM caches at their true slots and the
         working cache at compact ones; in the first draft step the rows with
@@ -182,30 +178,30 @@ class DraftRound:
             compact_positions < capacity)
         compact_slots = torch.where(writable, self.compact_bases[token_rows] + compact_positions,
                                     NO_CACHE)
-        compact = builder_of(sub_batch_metadata(
+        compact = metadata_of(
             split.query_lens[self.compact_rows], split.compact_query_start_loc,
             cad.seq_lens[self.compact_rows_device] - self.compact_offsets,
-            self.compact_block_table, compact_slots, capacity))
+            self.compact_block_table, compact_slots, capacity)
         main = None
         if len(self.main_rows):
-            main = builder_of(sub_batch_metadata(
+            main = metadata_of(
                 split.query_lens[self.main_rows], split.main_query_start_loc,
                 cad.seq_lens[self.main_rows_device],
                 cad.block_table_tensor[self.main_rows_device],
-                cad.slot_mapping[split.main_tokens], cad.max_seq_len))
+                cad.slot_mapping[split.main_tokens], cad.max_seq_len)
         plan = DraftStepPlan(
             num_actual_tokens=split.num_tokens, main=main, main_tokens=split.main_tokens,
             compact=compact, compact_tokens=tokens, compact_slots=compact_slots,
             compact_offsets=offsets if draft_index == 0 else None)
         # A drafted token is rewritten by the next first pass once verified:
         # in vLLM's cache it would be a wasted write.
-        edits = VllmBufferEdits(tokens, compact_positions if draft_index == 1 else None,
+        edits = BufferEdits(tokens, compact_positions if draft_index == 1 else None,
                                 drop_cache_writes=draft_index > 0)
         return plan, edits
 
 
 @dataclasses.dataclass
-class VllmBufferEdits:
+class BufferEdits:
     """What one draft forward with working caches changes in the proposer's
     per-token buffers before it runs (the caller writes them)."""
 
@@ -220,37 +216,8 @@ class VllmBufferEdits:
             slot_mapping[self.tokens] = NO_CACHE
 
 
-def sub_batch_metadata(query_lens: np.ndarray, query_start_loc: torch.Tensor,
-                       seq_lens: torch.Tensor, block_table: torch.Tensor,
-                       slot_mapping: torch.Tensor, max_seq_len: int) -> CommonAttentionMetadata:
-    """vLLM's metadata for some rows of a batch, each with its own query."""
-    starts = query_starts(query_lens).astype(np.int32)
-    return CommonAttentionMetadata(
-        query_start_loc=query_start_loc.to(torch.int32),
-        query_start_loc_cpu=torch.from_numpy(starts), seq_lens=seq_lens.to(torch.int32),
-        num_reqs=len(query_lens), num_actual_tokens=int(starts[-1]),
-        max_query_len=int(query_lens.max()), max_seq_len=max_seq_len,
-        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True)
-
-
 # Index arrays a round copies to the device, each at most one per token.
 TOKEN_INDICES = ("compact_tokens", "compact_token_rows", "compact_query_start_loc",
                  "main_tokens", "main_query_start_loc")
 STAGED_ARRAYS = ("caches", "compact_rows", "main_rows", "due_rows", "due_caches") + tuple(
     f"{split}_{what}" for split in ("first", "step") for what in TOKEN_INDICES)
-
-
-class HostStaging:
-    """Host arrays to the device through buffers allocated up front (vLLM's
-    CpuGpuBuffer: pinned host memory, asynchronous copies): no host sync."""
-
-    def __init__(self, max_tokens: int, device: torch.device,
-                 names: tuple[str, ...] = STAGED_ARRAYS):
-        self.buffers = {name: CpuGpuBuffer(max_tokens + 1, dtype=torch.int64, device=device,
-                                           with_numpy=True)
-                        for name in names}
-
-    def to_device(self, name: str, values: np.ndarray) -> torch.Tensor:
-        buffer = self.buffers[name]
-        buffer.np[: len(values)] = values
-        return buffer.copy_to_gpu(len(values))
