@@ -196,7 +196,8 @@ def policy_summary(before: dict, after: dict) -> dict | None:
         return None
     delta = {name: after[name] - before.get(name, 0) for name in (
         "policy_rounds", "policy_requests_drafting", "policy_requests_stepped_aside",
-        "policy_probes", "policy_drafts_picked", "policy_rounds_skipped",
+        "policy_probes", "policy_cost_rechecks", "policy_drafts_picked",
+        "policy_rounds_skipped",
         "policy_tokens_caught_up", "policy_context_rounds_whole_context",
         "policy_context_rounds_working_cache", "policy_context_trials",
         "policy_context_kept_working_cache")}
@@ -208,7 +209,8 @@ def policy_summary(before: dict, after: dict) -> dict | None:
                                        if decided else None),
             "mean_pick": delta["policy_drafts_picked"] / decided if decided else None,
             "picks_by_length": [a - b for a, b in zip(by_length, previous)],
-            "probes": delta["policy_probes"], "rounds_skipped": delta["policy_rounds_skipped"],
+            "probes": delta["policy_probes"], "cost_rechecks": delta["policy_cost_rechecks"],
+            "rounds_skipped": delta["policy_rounds_skipped"],
             "tokens_caught_up": delta["policy_tokens_caught_up"],
             "context_rounds": {"whole_context": delta["policy_context_rounds_whole_context"],
                                "working_cache": delta["policy_context_rounds_working_cache"]},

@@ -10,6 +10,11 @@ The per-token cost comes from consecutive steps of the same round length
 that verified different numbers of drafts (batches), so the level drifting
 as contexts grow is not taken for it. A round length not measured yet
 costs what its measured neighbours say, extrapolated by their slope.
+Every step ages every length's mean alike (a mean itself moves only when
+its length is measured), so a length measured again after a long while
+takes its new cost nearly whole, not averaged with what it cost under
+other conditions (the first rounds, another context); the policy measures
+a length that has gone unmeasured too long again (`stale`).
 
 Costs depend on the batch's context: the draft reads it whole where it
 fits the draft's window, and the target's attention grows with it. So
@@ -93,6 +98,9 @@ class MeasuredCosts:
         self.step_sum = np.zeros(max_drafts + 1)
         self.step_weight = np.zeros(max_drafts + 1)
         self.verify = DecayedLinearFit(decay)
+        self.steps = 0
+        # The step at which each round length was last measured (or asked for).
+        self.measured_at = np.full(max_drafts + 1, -1)
         self._round_length_of_last = None
         self.warmup_rounds_done = 0
         self._context_sum = self._context_weight = 0.0
@@ -108,8 +116,22 @@ class MeasuredCosts:
         self.verify.add(drafts, seconds)
         self._round_length_of_last = round_length
         normalized = seconds - self.verify.slope * (drafts - round_length)
-        self.step_sum[round_length] = self.step_sum[round_length] * self.decay + normalized
-        self.step_weight[round_length] = self.step_weight[round_length] * self.decay + 1.0
+        self.step_sum *= self.decay
+        self.step_weight *= self.decay
+        self.step_sum[round_length] += normalized
+        self.step_weight[round_length] += 1.0
+        self.steps += 1
+        self.measured_at[round_length] = self.steps
+
+    def stale(self, round_length: int, horizon: int) -> bool:
+        """Whether `round_length` went unmeasured over the last `horizon`
+        steps (it may never have been)."""
+        return self.steps - self.measured_at[round_length] > horizon
+
+    def measuring(self, round_length: int) -> None:
+        """A round of `round_length` runs to measure it: not stale while its
+        cost is on its way (read a step or two later)."""
+        self.measured_at[round_length] = self.steps
 
     def ready(self) -> bool:
         """At least two round lengths measured: enough to extrapolate."""

@@ -20,6 +20,11 @@ drafting round, how many tokens every request drafts.
   probe brings the next one to the next round, so a request whose text
   turns predictable (copying, code) comes back within a few rounds of its
   first accepted probe.
+- Costs of round lengths longer than any pick go unmeasured, and what
+  they were measured at (the first rounds, another context) may keep the
+  policy from ever drafting further: after `recheck_every` steps without a
+  measure of the length one past the longest pick, the request with the
+  longest pick drafts one more token for a round (a cost recheck).
 - Where a request may draft over its whole context or a working cache,
   which one: `context_choice`.
 """
@@ -46,6 +51,7 @@ class PolicyCounters:
     requests_drafting: int = 0
     requests_stepped_aside: int = 0
     probes: int = 0
+    cost_rechecks: int = 0
     drafts_picked: int = 0
     picks_by_length: list[int] = field(default_factory=list)
     # The latest round's decoding requests, drafting and stepped aside.
@@ -74,7 +80,8 @@ class PolicyCounters:
 class SpeculationPolicy:
     def __init__(self, max_drafts: int, max_requests: int, decay: float = 0.9,
                  warmup_rounds: int | None = None, probe_every: int = 4,
-                 max_probe_every: int = 32, probe_budget: float = 0.03):
+                 max_probe_every: int = 32, probe_budget: float = 0.03,
+                 recheck_every: int = 32):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
         self.warmup_rounds = (2 * (max_drafts + 1) if warmup_rounds is None
@@ -84,6 +91,7 @@ class SpeculationPolicy:
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_budget = probe_budget
+        self.recheck_every = recheck_every
         self.decay = decay
         self.catch_up_seconds: float | None = None  # decayed mean, once measured
         self.rounds_aside: dict[str, int] = {}
@@ -117,10 +125,25 @@ class SpeculationPolicy:
             if decoding.any():
                 expected = expected_tokens(self.acceptance.rates(slots[decoding]))
                 picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap)
+            picks = self._recheck_cost(picks, costs, cap)  # not a probe's: one token
             picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
         self.latest_round_warmup = warmup
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
+        return picks
+
+    def _recheck_cost(self, picks: np.ndarray, costs: MeasuredCosts, cap: int) -> np.ndarray:
+        """One more draft for the request with the longest pick, when the
+        round length one past it has gone unmeasured for `recheck_every`
+        steps (at most one token: cheap when it does not pay)."""
+        longest = int(picks.max(initial=0))
+        if longest == 0 or longest >= cap or not costs.stale(longest + 1,
+                                                               self.recheck_every):
+            return picks
+        costs.measuring(longest + 1)
+        self.counters.cost_rechecks += 1
+        picks = picks.copy()
+        picks[int(np.argmax(picks))] = longest + 1
         return picks
 
     def _probe(self, req_ids: list[str], picks: np.ndarray,
@@ -209,6 +232,7 @@ class SpeculationPolicy:
             "policy_requests_drafting": counters.requests_drafting,
             "policy_requests_stepped_aside": counters.requests_stepped_aside,
             "policy_probes": counters.probes,
+            "policy_cost_rechecks": counters.cost_rechecks,
             "policy_drafts_picked": counters.drafts_picked,
             "policy_mean_pick": counters.mean_pick(),
             "policy_picks_by_length": counters.picks_by_length,
