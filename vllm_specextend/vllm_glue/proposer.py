@@ -36,6 +36,7 @@ from vllm_specextend.retrieval.cross_model_retrieval import (
 )
 from vllm_specextend.retrieval.ownership import NO_CACHE, WorkingCacheOwners
 from vllm_specextend.retrieval.working_caches import DraftRound, WorkingCaches
+from vllm_specextend.vllm_glue.batches import HostStaging, sub_batch_metadata
 from vllm_specextend.vllm_glue.draft_attention import install_draft_attention
 from vllm_specextend.vllm_glue.draft_catch_up import DraftCatchUp
 from vllm_specextend.vllm_glue.engine_config import check_engine_fit, geometry_of
@@ -45,7 +46,6 @@ from vllm_specextend.vllm_glue.patching import replace_on_instance
 from vllm_specextend.vllm_glue.rotation import move_back_
 from vllm_specextend.vllm_glue.speculation_policy import PolicyHooks
 from vllm_specextend.vllm_glue.step import StepRecord
-from vllm_specextend.vllm_glue.batches import HostStaging, sub_batch_metadata
 
 MIB = 1 << 20
 
