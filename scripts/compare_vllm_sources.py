@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_specextend"
-# Objects of vLLM's the glue reads attributes off, and the files that define them.
+# Objects of vLLM's the package reads attributes off, and the files that define them.
 ATTRIBUTE_OWNERS = {
     "proposer": ("vllm/v1/spec_decode/llm_base_proposer.py", "vllm/v1/spec_decode/draft_model.py",
                  "vllm/v1/spec_decode/eagle.py"),
@@ -120,9 +120,9 @@ def package_sources() -> dict[str, str]:
             for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imported_names(glue: dict[str, str]) -> set[tuple[str, str]]:
+def imported_names(sources: dict[str, str]) -> set[tuple[str, str]]:
     names = set()
-    for source in glue.values():
+    for source in sources.values():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm."):
                 names.update((node.module, alias.name) for alias in node.names)
@@ -135,7 +135,7 @@ def defines_attribute(sources: "Sources", owner: str, attribute: str) -> bool:
                          text, re.M) for text in texts)
 
 
-def read_attributes(glue: dict[str, str], installed: "Sources") -> set[tuple[str, str]]:
+def read_attributes(sources: dict[str, str], installed: "Sources") -> set[tuple[str, str]]:
     """Attributes the package reads off vLLM's objects; in the glue's subclasses
     of them (`SUBCLASSES`), `self.` attributes that the installed vLLM
     defines. What a subclass defines and vLLM does not is the glue's own."""
@@ -144,7 +144,7 @@ def read_attributes(glue: dict[str, str], installed: "Sources") -> set[tuple[str
     pattern = re.compile(r"(?:(?<![.\w])|(?<=self\.)|(?<=_config\.))("
                          + "|".join(ATTRIBUTE_OWNERS) + r")\.([A-Za-z_]\w*)\b")
     pairs, ours = set(), set()
-    for file_name, source in glue.items():
+    for file_name, source in sources.items():
         pairs.update(pattern.findall(source))
         if owner := SUBCLASSES.get(file_name):
             pairs.update((owner, name) for name in re.findall(r"\bself\.([A-Za-z_]\w*)", source)
@@ -156,13 +156,13 @@ def read_attributes(glue: dict[str, str], installed: "Sources") -> set[tuple[str
             and ((owner, name) not in ours or defines_attribute(installed, owner, name))}
 
 
-def overridden_methods(glue: dict[str, str]) -> list[tuple[str, str]]:
+def overridden_methods(sources: dict[str, str]) -> list[tuple[str, str]]:
     """(module, qualname) of vLLM's methods that the glue's subclasses
     override (their signatures are what vLLM calls ours with) and of the
     constructors it calls."""
     methods = list(CONSTRUCTED)
     for file_name, (module, base) in OVERRIDDEN.items():
-        for node in ast.walk(ast.parse(glue[file_name])):
+        for node in ast.walk(ast.parse(sources[file_name])):
             if isinstance(node, ast.ClassDef) and node.name in SUBCLASS_ROOTS:
                 methods += [(module, f"{base}.{child.name}") for child in node.body
                             if isinstance(child, ast.FunctionDef) and child.name != "__init__"]
@@ -173,10 +173,10 @@ def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]
     sys.path.insert(0, str(PACKAGE.parent))
     from vllm_specextend.vllm_glue.registry import PATCHES
 
-    glue = package_sources()
+    sources = package_sources()
     problems, report = [], []
     targets = [(patch.module, patch.qualname, patch.adds) for patch in PATCHES]
-    for module, qualname in overridden_methods(glue):
+    for module, qualname in overridden_methods(sources):
         if (source := installed.module(module)) and find(source, qualname) is not None:
             targets.append((module, qualname, False))
     for module, qualname, adds in targets:
@@ -202,18 +202,18 @@ def compare(installed: Sources, other: Sources, show_changed: bool) -> list[str]
         if show_changed and not same_body:
             report.extend("    " + line for line in difflib.unified_diff(
                 ast.unparse(old).splitlines(), ast.unparse(new).splitlines(), lineterm="", n=1))
-    for module, name in sorted(imported_names(glue)):
+    for module, name in sorted(imported_names(sources)):
         if not (defines(other, module, name) or other.module(f"{module}.{name}")):
             report.append(f"MISSING   import {name} from {module}")
             problems.append(f"{module}.{name}")
     checked = 0
-    for owner, attribute in sorted(read_attributes(glue, installed)):
+    for owner, attribute in sorted(read_attributes(sources, installed)):
         if not defines_attribute(other, owner, attribute):
             report.append(f"MISSING   attribute {owner}.{attribute}")
             problems.append(f"{owner}.{attribute}")
         checked += 1
     report.append(f"{len(PATCHES)} patch targets, {len(targets) - len(PATCHES)} overridden "
-                  f"methods and constructors, {len(imported_names(glue))} imported "
+                  f"methods and constructors, {len(imported_names(sources))} imported "
                   f"names, {checked} attributes checked; {len(problems)} problems")
     print("\n".join(report))
     return problems

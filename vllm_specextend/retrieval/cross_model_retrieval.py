@@ -11,9 +11,9 @@ reader of its packed cache, and how ranks of a split target agree on scores.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
+
+import torch
 
 from vllm_specextend.config import SpecExtendConfig, WorkingCacheGeometry
 from vllm_specextend.paged_cache import slots_of
@@ -54,14 +54,14 @@ class CrossModelRetrieval:
                  capture: FinalLayerCapture, target_layer, target_reader, block_size: int,
                  agree_on_scores: Callable[[torch.Tensor], torch.Tensor]):
         self.settings = settings
-        # Each rank of a split target scores with its own heads: all keep
-        # the chunks of the mean score.
-        self.agree_on_scores = agree_on_scores
         self.geometry = geometry
         self.capture = capture
         self.target_layer = target_layer
         self.target_reader = target_reader
         self.block_size = block_size
+        # Each rank of a split target scores with its own heads: all keep
+        # the chunks of the mean score.
+        self.agree_on_scores = agree_on_scores
 
     def layout(self, query_indices: torch.Tensor, cached_lens: torch.Tensor,
                scored_lens: torch.Tensor, block_table: torch.Tensor, max_len: int):

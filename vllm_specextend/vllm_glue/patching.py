@@ -6,9 +6,10 @@ attribute twice, and logs each replacement once, so a vLLM upgrade shows its
 breakage here. A patch of a function vLLM calls without a runner at hand
 (its samplers' helpers) can wait for a runner of the process to serve
 SpecExtend (`on_serving`): until then, and in processes that never serve
-it, vLLM runs unchanged, with no flag to ask. Changes to objects vLLM builds (a layer's attention, its
-rotary table) go through `replace_on_instance`, which records them here
-too: `applied_patches()` lists both.
+it, vLLM runs unchanged, with no flag to ask. Changes to objects vLLM
+builds (a layer's attention, its rotary table) go through
+`replace_on_instance`, which records them here too: `applied_patches()`
+lists both.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ Chains go through vLLM's rejection sampler, on the CPU build too: its CPU
 fallback for `expand_batch_to_tokens` casts float parameters (temperature,
 top-p) to int64 and writes into that copy, so the expansion is replaced
 there (CPU tensors, in processes serving SpecExtend: `Patch.on_serving`)
-by a plain repeat. Its CPU
-top-k fallback also fails on a step with no drafts at all (`k.max()` of an
-empty tensor: every request prefilling, or past the draft's reach), so such a
-step skips the constraints, which have no draft rows to act on.
+by a plain repeat. Its CPU top-k fallback also fails on a step with no
+drafts at all (`k.max()` of an empty tensor: every request prefilling, or
+past the draft's reach), so such a step skips the constraints, which have
+no draft rows to act on.
 
 Trees draw the target's token at every tree row with vLLM's `Sampler`,
 given its sampling metadata with one row per tree row (the request's

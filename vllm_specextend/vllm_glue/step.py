@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm_specextend.tree.verification import ProposedTree, ScheduledTrees
 from vllm_specextend.retrieval.working_caches import DraftRound
+from vllm_specextend.tree.verification import ProposedTree, ScheduledTrees
 
 
 @dataclass

@@ -6,8 +6,8 @@ first; a target layer then computes the step's verification rows again
 with HTA and overwrites them: prefix part + tree part + LSE merge. Which
 rows is planned once per step by the runner (`verification`) in the
 proposer's `StepRecord`, handed to the target's layers at load; the
-draft's layers get none and verify nothing. HTA reads vLLM's own (packed) cache
-through `kv_cache_reader`; the plugin keeps no copy of it.
+draft's layers get none and verify nothing. HTA reads vLLM's own (packed)
+cache through `kv_cache_reader`; the plugin keeps no copy of it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_specextend.attention.hybrid_tree_attention import hybrid_tree_attention_cpu
+from vllm_specextend.tree.verification import ScheduledTrees
 from vllm_specextend.vllm_glue.kv_cache_reader import reader_for
 from vllm_specextend.vllm_glue.logs import info_first, logger
-from vllm_specextend.tree.verification import ScheduledTrees
 from vllm_specextend.vllm_glue.step import StepRecord
 
 BACKEND_PATH = f"{__name__}.HybridTreeCPUAttentionBackend"

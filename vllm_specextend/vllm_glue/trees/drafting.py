@@ -25,9 +25,9 @@ from vllm_specextend.attention.draft_tree_attention import (
 from vllm_specextend.config import SpecExtendConfig
 from vllm_specextend.paged_cache import slots_of
 from vllm_specextend.tree.dynamic_tree import DraftTree, DynamicTreeBuilder, grow_tree
+from vllm_specextend.tree.verification import ProposedTree
 from vllm_specextend.vllm_glue.logs import info_first
 from vllm_specextend.vllm_glue.rotation import move_back_
-from vllm_specextend.tree.verification import ProposedTree
 from vllm_specextend.vllm_glue.step import StepRecord
 
 
