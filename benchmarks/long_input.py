@@ -9,7 +9,12 @@ length, per method, side by side (in the spirit of `vllm bench`).
 
 Methods run one after another, each in a fresh engine process (with
 --interleave, one engine per method and sample, the methods taking turns on
-each sample, so that a slow spell of the machine falls on all of them):
+each sample, so that a slow spell of the machine falls on all of them; with
+--paired, one engine per method for the whole sweep, all loaded at once,
+prefix caching on, and each sample decoded --runs times by every method in
+turn, the order rotating: run 0 pays the prefill, later runs decode from
+the cached prompt, seconds apart, so ratios between methods are paired;
+every engine must fit in memory beside the others):
   ar                    target only
   draft_model           stock vLLM speculation, same draft and k
   eagle3                stock vLLM EAGLE-3 speculation (--draft: the head)
@@ -41,6 +46,7 @@ from pathlib import Path
 from machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
+READY = '{"kind": "ready"}'  # a serving worker's engine has loaded
 
 
 def parse_method(method: str) -> tuple[str, dict]:
@@ -104,7 +110,10 @@ def plan_engines(methods: list[str], items: list[dict], done: set[tuple],
 
 
 def run_method(job: dict) -> None:
-    """Worker process: one engine, every (input, sample, run) of one method."""
+    """Worker process: one engine, every (input, sample, run) of one method:
+    the job's items, or (`serve`) items read from stdin one JSON line at a
+    time, each answered by its record on stdout, after a line saying the
+    engine is ready."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["kv_cache_gib"]))
     # One CPU prefill step of a 4K prompt outlasts vLLM's 300 s RPC timeout.
     os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
@@ -119,12 +128,16 @@ def run_method(job: dict) -> None:
     llm = LLM(model=job["target"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], dtype=job["dtype"],
               gpu_memory_utilization=0.1, disable_log_stats=False,
-              enable_prefix_caching=False, enforce_eager=job["enforce_eager"], seed=0,
+              enable_prefix_caching=job["serve"], enforce_eager=job["enforce_eager"], seed=0,
               max_num_seqs=job["max_num_seqs"])
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     out = Path(job["out"])
-    for item in job["items"]:
+    items = job["items"]
+    if job["serve"]:
+        print(READY, flush=True)
+        items = map(json.loads, sys.stdin)
+    for item in items:
         text = item["text"]
         if job["chat_template"]:
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
@@ -219,6 +232,66 @@ def policy_summary(before: dict, after: dict) -> dict | None:
             "costs_s": after["policy_costs_s"]}
 
 
+class Worker:
+    """One engine's process (`run_method`), its records read off its stdout
+    and its engine's log passed to stderr."""
+
+    def __init__(self, job: dict, job_path: Path):
+        self.method, self.job_path = job["method"], job_path
+        job_path.write_text(json.dumps(job))
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--inputs", "-", "--worker", str(job_path)],
+            stdin=subprocess.PIPE if job["serve"] else None, stdout=subprocess.PIPE, text=True)
+
+    def next_record(self, progress) -> dict | None:
+        """The next sample's record (None at the end), or the ready line."""
+        for line in self.process.stdout:
+            if line.startswith(READY):
+                return {"kind": "ready"}
+            if line.startswith('{"kind": "sample"'):
+                progress.update(1)
+                progress.set_postfix_str(self.method)
+                return json.loads(line)
+            progress.write(line.rstrip(), file=sys.stderr)
+        return None
+
+    def ask(self, item: dict, progress) -> dict:
+        self.process.stdin.write(json.dumps(item) + "\n")
+        self.process.stdin.flush()
+        record = self.next_record(progress)
+        if record is None:
+            raise SystemExit(f"method {self.method} failed (exit {self.process.wait()})")
+        return record
+
+    def close(self, progress) -> None:
+        """Wait for the worker's end, passing on its last log lines."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        while self.next_record(progress) is not None:
+            pass
+        if self.process.wait() != 0:
+            raise SystemExit(f"method {self.method} failed (exit {self.process.returncode})")
+        self.job_path.unlink()
+
+
+def run_paired(methods: list[str], items: list[dict], done: set[tuple], job_for, out: Path,
+               progress) -> None:
+    """Every method's engine loaded at once (one after another); each item
+    then decoded by every method in turn, the order rotating with the run."""
+    workers = []
+    for index, method in enumerate(methods):
+        workers.append(Worker(job_for(method, []), out.with_suffix(f".job{index}.json")))
+        if workers[-1].next_record(progress) is None:
+            raise SystemExit(f"method {method} failed to start")
+    for item in items:
+        turn = item["run"] % len(workers)
+        for worker in workers[turn:] + workers[:turn]:
+            if sample_key(worker.method, item) not in done:
+                worker.ask(item, progress)
+    for worker in workers:
+        worker.close(progress)
+
+
 def check_against_ar(out: Path) -> int:
     """Greedy outputs against ar's on the same sample: the number that differ
     in a float32 run (a bug). In half precision the batch shapes of
@@ -269,10 +342,15 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="a fresh engine per method and sample, methods in turn "
                              "(for A/B timings on a noisy machine)")
+    parser.add_argument("--paired", action="store_true",
+                        help="one engine per method, all loaded at once, prefix caching "
+                             "on; every sample decoded --runs times by each in turn")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/long_input.jsonl"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave and args.paired:
+        parser.error("--interleave and --paired are two ways to pair methods: pick one")
     if args.worker:
         return run_method(json.loads(Path(args.worker).read_text()))
 
@@ -300,45 +378,41 @@ def main() -> None:
     if not out.exists():
         header = {"kind": "header", "machine": machine(), "target": target, "draft": draft,
                   "k": args.num_speculative_tokens, "dtype": args.dtype,
-                  "max_new_tokens": args.max_new_tokens, "prefix_caching": False,
+                  "max_new_tokens": args.max_new_tokens, "prefix_caching": args.paired,
                   "window_tokens": args.window_tokens,
                   "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs,
                   "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                   "enforce_eager": args.enforce_eager,
                   "chat_template": not args.no_chat_template,
-                  "interleaved": args.interleave,
+                  "interleaved": args.interleave, "paired": args.paired,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         out.write_text(json.dumps(header) + "\n")
     items = [{"input": Path(path).name, "sample": i, "run": run, "text": text}
              for path in args.inputs
              for i, text in enumerate(load_samples(path, args.samples))
              for run in range(args.runs)]
-    engines = plan_engines(args.methods, items, done, args.interleave)
-    progress = tqdm(total=sum(len(batch) for _, batch in engines), desc="sweep", unit="sample")
-    for method, batch in engines:
-        if not batch:
-            continue
-        job = {"method": method, "items": batch, "target": target, "out": str(out),
-               "speculative_config": speculative_config(method, draft,
-                                                        args.num_speculative_tokens),
-               "max_model_len": args.max_model_len, "dtype": args.dtype,
-               "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
-               "max_num_seqs": args.max_num_seqs, "window_tokens": args.window_tokens,
-               "chat_template": not args.no_chat_template,
-               "enforce_eager": args.enforce_eager}
-        job_path = out.with_suffix(".job.json")
-        job_path.write_text(json.dumps(job))
-        worker = subprocess.Popen([sys.executable, __file__, "--inputs", "-", "--worker",
-                                   str(job_path)], stdout=subprocess.PIPE, text=True)
-        for line in worker.stdout:
-            if line.startswith('{"kind": "sample"'):
-                progress.update(1)
-                progress.set_postfix_str(method)
-            else:  # the engine's own log
-                progress.write(line.rstrip(), file=sys.stderr)
-        if worker.wait() != 0:
-            raise SystemExit(f"method {method} failed (exit {worker.returncode})")
-        job_path.unlink()
+    progress = tqdm(total=len(args.methods) * len(items)
+                    - sum(sample_key(m, i) in done for m in args.methods for i in items),
+                    desc="sweep", unit="sample")
+
+    def job_for(method: str, batch: list[dict]) -> dict:
+        return {"method": method, "items": batch, "serve": args.paired, "target": target,
+                "out": str(out),
+                "speculative_config": speculative_config(method, draft,
+                                                         args.num_speculative_tokens),
+                "max_model_len": args.max_model_len, "dtype": args.dtype,
+                "kv_cache_gib": args.kv_cache_gib, "max_new_tokens": args.max_new_tokens,
+                "max_num_seqs": args.max_num_seqs, "window_tokens": args.window_tokens,
+                "chat_template": not args.no_chat_template,
+                "enforce_eager": args.enforce_eager}
+
+    if args.paired:
+        run_paired(args.methods, items, done, job_for, out, progress)
+    else:
+        for method, batch in plan_engines(args.methods, items, done, args.interleave):
+            if batch:
+                worker = Worker(job_for(method, batch), out.with_suffix(".job.json"))
+                worker.close(progress)
     progress.close()
     mismatches = check_against_ar(out)
     print(f"results: {out} ({'no' if not mismatches else mismatches} output mismatches vs ar)")

@@ -122,6 +122,42 @@ def prefill_pairs(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def paired_ratios(lines: list[dict]) -> str:
+    """Paired runs (every method's engine loaded at once, each sample decoded
+    by every method in turn, run after run): each method's decode speed
+    against the first method's in the same run, the first run (it paid the
+    prefill and, for a new engine, its warm-up) apart from the median of the
+    later ones (the prompt cached)."""
+    samples = [r for r in lines if r["kind"] == "sample"]
+    methods = list(dict.fromkeys(r["method"] for r in samples))
+    base, others = methods[0], methods[1:]
+    speed = {(r["method"],) + run_key(r): r["decode_tokens_per_s"] for r in samples}
+    keys = sorted({run_key(r)[:2] for r in samples})
+    out = ["", f"Paired: decode tok/s against {base} in the same run, run 0; later runs -> "
+           "their median:", "",
+           "| input | sample | " + " | ".join(others) + " |", "|---" * (2 + len(others)) + "|"]
+    medians = defaultdict(list)
+    for source, sample in keys:
+        runs = sorted({run for (_, s, n, run) in speed if (s, n) == (source, sample)})
+        cells = []
+        for method in others:
+            ratios = [speed[(method, source, sample, run)] / speed[(base, source, sample, run)]
+                      for run in runs if (method, source, sample, run) in speed
+                      and (base, source, sample, run) in speed]
+            if not ratios:
+                cells.append("-")
+                continue
+            later = ratios[1:]
+            if later:
+                medians[method].append(statistics.median(later))
+            cells.append(f"{ratios[0]:.2f}x; " + ", ".join(f"{r:.2f}x" for r in later)
+                         + (f" -> {medians[method][-1]:.2f}x" if later else ""))
+        out.append(f"| {source} | {sample} | " + " | ".join(cells) + " |")
+    out.append("| mean of medians | | " + " | ".join(
+        f"{statistics.mean(medians[m]):.2f}x" if medians[m] else "-" for m in others) + " |")
+    return "\n".join(out) + "\n"
+
+
 def against_best_stock(lines: list[dict]) -> str:
     """Each sample's decode speed against the better of target-only and
     stock speculation on that sample (the per-request policy's goal), with
@@ -271,6 +307,8 @@ def main() -> None:
     text += against_best_stock(lines)
     if header.get("interleaved"):
         text += prefill_pairs(lines)
+    if header.get("paired"):
+        text += paired_ratios(lines)
     by_window = (accepted_by_window(lines, header["window_tokens"])
                  if header.get("window_tokens") else {})
     if by_window:
