@@ -204,14 +204,16 @@ def policy_summary(before: dict, after: dict) -> dict | None:
     """What the per-request policy picked over one sample: decoding rounds,
     the share of them a request sat out, the mean draft length, rounds by
     draft length, probes, rounds that skipped the draft, the tokens it read
-    late, and the rounds over each context where a request had the choice."""
+    late and the rounds that read them first (catch-ups), and the rounds
+    over each context where a request had the choice."""
     if "policy_rounds" not in after:
         return None
     delta = {name: after[name] - before.get(name, 0) for name in (
         "policy_rounds", "policy_requests_drafting", "policy_requests_stepped_aside",
         "policy_probes", "policy_cost_rechecks", "policy_drafts_picked",
         "policy_rounds_skipped",
-        "policy_tokens_caught_up", "policy_context_rounds_whole_context",
+        "policy_tokens_caught_up", "policy_catch_ups",
+        "policy_context_rounds_whole_context",
         "policy_context_rounds_working_cache", "policy_context_trials",
         "policy_context_kept_working_cache")}
     decided = delta["policy_requests_drafting"] + delta["policy_requests_stepped_aside"]
@@ -225,6 +227,7 @@ def policy_summary(before: dict, after: dict) -> dict | None:
             "probes": delta["policy_probes"], "cost_rechecks": delta["policy_cost_rechecks"],
             "rounds_skipped": delta["policy_rounds_skipped"],
             "tokens_caught_up": delta["policy_tokens_caught_up"],
+            "catch_ups": delta["policy_catch_ups"],
             "context_rounds": {"whole_context": delta["policy_context_rounds_whole_context"],
                                "working_cache": delta["policy_context_rounds_working_cache"]},
             "context_trials": delta["policy_context_trials"],

@@ -26,19 +26,26 @@ def samples(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "sample"]
 
 
-def test_long_input_smoke_and_plot(tmp_path):
+def test_long_input_paired_smoke_and_plot(tmp_path):
+    """--paired: both engines loaded at once, each sample decoded by both in
+    turn, twice; the second time from the cached prompt."""
     out = tmp_path / "long_input.jsonl"
-    run("long_input.py", "--pair", "tiny", "--inputs", HAYSTACK, "--samples", 2,
-        "--max-new-tokens", 8, "--methods", "ar", "specextend", "--enforce-eager",
-        "--out", out)
+    run("long_input.py", "--pair", "tiny", "--inputs", HAYSTACK, "--samples", 2, "--runs", 2,
+        "--paired", "--max-new-tokens", 8, "--methods", "ar", "specextend",
+        "--enforce-eager", "--out", out)
     records = samples(out)
-    assert {(r["method"], r["sample"]) for r in records} == {
-        (m, s) for m in ("ar", "specextend") for s in (0, 1)}
+    assert [(r["sample"], r["run"], r["method"]) for r in records] == [
+        (0, 0, "ar"), (0, 0, "specextend"), (0, 1, "specextend"), (0, 1, "ar"),
+        (1, 0, "ar"), (1, 0, "specextend"), (1, 1, "specextend"), (1, 1, "ar")]
     assert all(r["new_tokens"] == 8 for r in records)
+    first, second = (max(r["prefill_s"] for r in records if r["run"] == run) for run in (0, 1))
+    assert second < first  # the prompt was cached
     run("plot_long_input.py", out)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "| specextend | 2 |" in out.with_suffix(".md").read_text()
-    assert out.with_suffix(".md").read_text().count(" | 2/2 |") == 1  # outputs equal ar's
+    report = out.with_suffix(".md").read_text()
+    assert "| specextend | 4 |" in report  # 2 samples, 2 runs each
+    assert report.count(" | 4/4 |") == 1  # outputs equal ar's
+    assert "| govreport_512.jsonl | 1 | " in report.split("Paired:")[1]
 
 
 def test_long_output_windows_smoke(tmp_path):
@@ -60,6 +67,15 @@ def test_long_output_windows_smoke(tmp_path):
     assert out.with_suffix(".windows.png").stat().st_size > 0
     assert "| specextend | " in out.with_suffix(".md").read_text().split(
         "by output position")[1]
+
+
+def test_policy_simulation_smoke(tmp_path):
+    out = tmp_path / "simulation.json"
+    run("policy_simulation.py", "--steps", 30, "--rates", 0.2, 0.9, "--seeds", 1, "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["steps"], row["rate"]) for row in rows] == [(30, 0.2), (30, 0.9)]
+    assert all(row["default"] > 0 and row["warm-up k..0 twice"] > 0 for row in rows)
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_needle_smoke(tmp_path):

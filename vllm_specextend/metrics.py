@@ -98,6 +98,8 @@ METRICS = (
      "Rounds in which every request stepped aside: no draft forward ran"),
     ("policy_tokens_caught_up", "policy_tokens_caught_up", "counter",
      "Tokens the draft read late, for the rounds it skipped"),
+    ("policy_catch_ups", "policy_catch_ups", "counter",
+     "Rounds that first ran a draft forward over the tokens of rounds skipped"),
     ("policy_context_rounds_whole_context", "policy_context_rounds_whole_context", "counter",
      "Requests with a choice of context that drafted over their whole context, summed "
      "over the rounds measured (not warm-up rounds, nor steps with a prefill)"),

@@ -3,13 +3,24 @@ feeds with what each step verified and what it cost, and asks, before each
 drafting round, how many tokens every request drafts.
 
 - Warm-up: the first rounds at a context length cycle the round length
-  from the maximum down to 0, every request alike, so that every round
-  length's cost is measured there (`costs.CostsByContext`).
+  from 2 down to 0, twice, every request alike, so that the cost of not
+  drafting, of drafting at all and of each further draft forward is
+  measured there (`costs.CostsByContext`); longer rounds cost what these
+  say per forward until a round runs them (a cost recheck, below, runs
+  one). Rounds of the maximum length cost most where drafting pays least:
+  on GovReport 8K (fp32, our CPUs) S(4) was 1.17 s against S(0) 0.43 s,
+  and simulated on those costs a 100-step request whose drafts do not pay
+  ran at 0.92x of the target alone warming up with lengths 4..0, 0.96x
+  with 2..0 (`benchmarks/policy_simulation.py`).
 - Then each round: `best_draft_lengths` over the decoding requests, from
   their acceptance by position and the measured costs.
 - A request at 0 has stepped aside: its drafts cost more than they return.
   Its new tokens still reach the draft (the next round that runs the draft
-  reads them: `stale_drafts`). Now and then it drafts one token, a probe.
+  reads them: `stale_drafts`), so a round that drafts after rounds skipped
+  first runs a catch-up forward: while the draft is behind, drafting must
+  pay for that too (measured: `catch_up_seconds`), or a request at the
+  break-even would step aside and back round after round, paying a
+  catch-up each time. Now and then it drafts one token, a probe.
   A probe costs a round that runs the draft (S(1) against S(0): on long
   contexts nearly a second target step) for what its acceptance returns,
   so failed probes may take at most `probe_budget` of the time: the wait
@@ -81,10 +92,11 @@ class SpeculationPolicy:
     def __init__(self, max_drafts: int, max_requests: int, decay: float = 0.9,
                  warmup_rounds: int | None = None, probe_every: int = 4,
                  max_probe_every: int = 32, probe_budget: float = 0.03,
-                 recheck_every: int = 32):
+                 recheck_every: int = 32, warmup_longest: int = 2):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
-        self.warmup_rounds = (2 * (max_drafts + 1) if warmup_rounds is None
+        self.warmup_longest = min(warmup_longest, max_drafts)
+        self.warmup_rounds = (2 * (self.warmup_longest + 1) if warmup_rounds is None
                               else warmup_rounds)
         self.costs = CostsByContext(max_drafts, decay, self.warmup_rounds)
         self.latest_costs: MeasuredCosts | None = None
@@ -102,9 +114,10 @@ class SpeculationPolicy:
         self.latest_round_warmup = False
 
     def pick(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
-             context_tokens: int) -> np.ndarray:
+             context_tokens: int, draft_behind: bool = False) -> np.ndarray:
         """Draft lengths for this round's requests (the batch's context:
-        `context_tokens`); 0 for those not decoding (a prefill chunk drafts
+        `context_tokens`; `draft_behind`: a round that drafts first catches
+        the draft up); 0 for those not decoding (a prefill chunk drafts
         nothing vLLM would schedule)."""
         cap = min(round_cap, self.max_drafts)
         slots = self.acceptance.slots(req_ids)
@@ -115,7 +128,8 @@ class SpeculationPolicy:
             picks = np.zeros(len(req_ids), dtype=np.int64)
         elif warmup:
             warming = self.costs.own(context_tokens)
-            picks = np.full(len(req_ids), cap - warming.warmup_rounds_done % (cap + 1),
+            top = min(cap, self.warmup_longest)
+            picks = np.full(len(req_ids), top - warming.warmup_rounds_done % (top + 1),
                             dtype=np.int64)
             warming.warmup_rounds_done += 1
             self.latest_costs = warming
@@ -124,7 +138,9 @@ class SpeculationPolicy:
             picks = np.zeros(len(req_ids), dtype=np.int64)
             if decoding.any():
                 expected = expected_tokens(self.acceptance.rates(slots[decoding]))
-                picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap)
+                resume = (self.catch_up_seconds or 0.0) if draft_behind else 0.0
+                picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap,
+                                                        resume_seconds=resume)
             picks = self._recheck_cost(picks, costs, cap)  # not a probe's: one token
             picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)

@@ -28,10 +28,17 @@ class StaleDrafts:
         self.missing_from: dict[str, int] = {}
         self.rounds_skipped = 0
         self.tokens_caught_up = 0
+        self.catch_ups = 0  # rounds that first read missed tokens
 
     def _first_missing(self, req_ids: list[str], computed: np.ndarray) -> np.ndarray:
         return np.array([self.missing_from.get(req_id, count + 1)
                          for req_id, count in zip(req_ids, computed)], dtype=np.int64)
+
+    def behind(self, req_ids: list[str], computed: np.ndarray) -> bool:
+        """Whether a round that runs the draft now must first read missed
+        tokens (`take` would return rows): one skipped round misses nothing
+        the next first pass does not read."""
+        return bool((self._first_missing(req_ids, computed) < computed).any())
 
     def can_skip(self, req_ids: list[str], computed: np.ndarray,
                  scheduled: np.ndarray) -> bool:
@@ -61,6 +68,7 @@ class StaleDrafts:
                 firsts.append(first)
         rows, firsts = np.array(rows, dtype=np.int64), np.array(firsts, dtype=np.int64)
         self.tokens_caught_up += int((computed[rows] - firsts).sum())
+        self.catch_ups += bool(len(rows))
         return rows, firsts
 
     def forget(self, req_id: str) -> None:

@@ -90,4 +90,5 @@ class DraftCatchUp:
     def state(self) -> dict:
         return {"policy_rounds_skipped": self.stale.rounds_skipped,
                 "policy_tokens_caught_up": self.stale.tokens_caught_up,
+                "policy_catch_ups": self.stale.catch_ups,
                 "policy_requests_behind": self.stale.held_requests()}

@@ -276,11 +276,14 @@ class SpecExtendProposer:
         """The policy's draft length for this round (at most vLLM's)."""
         batch = self.runner.input_batch
         num_reqs = metadata.num_reqs
-        context = batch.num_computed_tokens_cpu[:num_reqs] + self._scheduled_lens(num_reqs)
+        req_ids = batch.req_ids[:num_reqs]
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        context = computed + self._scheduled_lens(num_reqs)
         # Done with the prompt after this step: its drafts will be verified.
         decoding = context >= batch.num_prompt_tokens[:num_reqs]
-        return self.policy_hooks.round_length(batch.req_ids[:num_reqs], decoding,
-                                              num_speculative_tokens, int(context.sum()))
+        return self.policy_hooks.round_length(req_ids, decoding, num_speculative_tokens,
+                                              int(context.sum()),
+                                              self.catch_up.stale.behind(req_ids, computed))
 
     def _skips_round(self, metadata, round_length: int) -> bool:
         """Whether this round runs no draft forward (`DraftCatchUp.skips`).

@@ -53,10 +53,10 @@ class PolicyHooks:
         self.timings.step_began(sum(self.scheduled_drafts.values()), decode_only)
 
     def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
-                     context_tokens: int) -> int:
+                     context_tokens: int, draft_behind: bool) -> int:
         """Pick every request's draft length; the round runs the longest."""
         picks = self._from_rank_zero(self.policy.pick(req_ids, decoding, round_cap,
-                                                      context_tokens))
+                                                      context_tokens, draft_behind))
         self.picks = dict(zip(req_ids, picks.tolist()))
         self.timings.round_began(context_tokens)
         return int(picks.max(initial=0))
