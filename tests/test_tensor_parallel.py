@@ -1,8 +1,8 @@
 """Tensor parallelism on vLLM's CPU build (2 ranks, one core each): a mixed
-batch with working caches, for the tiny draft and for an EAGLE-3 head;
-greedy ids equal the target alone's at the same parallelism, and both ranks
-keep the same chunks at every refresh (each scores with its own heads; the
-scores are averaged across ranks)."""
+batch with working caches, for the tiny draft (one request with a choice
+of context) and for an EAGLE-3 head; greedy ids equal the target alone's at
+the same parallelism, and both ranks keep the same chunks at every refresh
+(each scores with its own heads; the scores are averaged across ranks)."""
 
 import re
 
@@ -37,7 +37,10 @@ def test_two_ranks_lossless_and_of_one_mind(tiny_pair, mixed_prompts, target_onl
         head = build_random_eagle3_head(tiny_pair.target, tmp_path / "head", 2048)
         spec = {"model": head, "draft_method": "eagle3"}
     else:
-        spec = {"model": tiny_pair.draft}
+        # The 1,500-token request also chooses its context (a working cache
+        # of 1,024 positions or its whole context under the draft's 2,048):
+        # rank 0's choice reaches rank 1 with the picks.
+        spec = {"model": tiny_pair.draft, "working_cache_window": 1024}
     spec = {"method": "specextend", "num_speculative_tokens": 3, **spec, **SMALL_BUDGET}
     result, log = run_engine(job(tiny_pair.target, mixed_prompts, spec), tmp_path / "run",
                              TWO_RANKS)

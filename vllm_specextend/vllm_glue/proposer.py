@@ -211,10 +211,8 @@ class SpecExtendProposer:
         req_ids = batch.req_ids[:num_reqs]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
         self.owners.keep_holders(req_ids, computed)
-        # Past the threshold and done with the prompt: a decoding step.
-        eligible = (computed > self.geometry.retrieval_min_len) & (
-            computed >= batch.num_prompt_tokens[:num_reqs])
-        eligible, choosing = self._choose_contexts(req_ids, eligible, computed)
+        eligible, choosing = self._choose_contexts(
+            req_ids, self._may_hold_working_caches(computed, batch.num_prompt_tokens[:num_reqs]))
         due = self.owners.due_rows(req_ids, eligible, computed, round_index,
                                    self.settings.refresh_every)
         cache_of_row = self.owners.caches_of(req_ids)
@@ -239,18 +237,30 @@ class SpecExtendProposer:
                        self.geometry.retrieval_min_len)
         return draft_round
 
-    def _choose_contexts(self, req_ids: list[str], eligible: np.ndarray,
-                         computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _may_hold_working_caches(self, computed: np.ndarray,
+                                 prompt_lens: np.ndarray) -> np.ndarray:
+        """Rows past the working cache's threshold and done with the prompt."""
+        return (computed > self.geometry.retrieval_min_len) & (computed >= prompt_lens)
+
+    def _rows_with_a_choice(self, computed: np.ndarray, prompt_lens: np.ndarray) -> np.ndarray:
+        """Rows that may draft over a working cache and that the draft window
+        still shows whole: the policy chooses their context
+        (`policy.context_choice`)."""
+        if self.caches is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self._may_hold_working_caches(computed, prompt_lens)
+                              & (computed <= self.geometry.whole_context_max_len))
+
+    def _choose_contexts(self, req_ids: list[str],
+                         eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows that may draft over a working cache, and those of them the
-        policy chose for (`policy.context_choice`): rows the draft window
-        still shows whole. A request choosing its whole context frees its
-        cache (the first pass keeps vLLM's draft cache current for every
-        row); taking one again fills it afresh."""
-        choosing = np.flatnonzero(eligible & (computed <= self.geometry.whole_context_max_len))
-        if self.policy_hooks is None or not len(choosing):
-            return eligible, choosing[:0]
-        whole = choosing[~self.policy_hooks.wants_working_cache(
-            [req_ids[row] for row in choosing])]
+        policy chose a context for this round. A request choosing its whole
+        context frees its cache (the first pass keeps vLLM's draft cache
+        current for every row); taking one again fills it afresh."""
+        if self.policy_hooks is None:
+            return eligible, np.zeros(0, dtype=np.int64)
+        choosing, wants_working_cache = self.policy_hooks.round_contexts
+        whole = choosing[~wants_working_cache]
         for row in whole:
             self.owners.release(req_ids[row])
         eligible = eligible.copy()
@@ -278,12 +288,14 @@ class SpecExtendProposer:
         num_reqs = metadata.num_reqs
         req_ids = batch.req_ids[:num_reqs]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
+        prompt_lens = batch.num_prompt_tokens[:num_reqs]
         context = computed + self._scheduled_lens(num_reqs)
         # Done with the prompt after this step: its drafts will be verified.
-        decoding = context >= batch.num_prompt_tokens[:num_reqs]
+        decoding = context >= prompt_lens
         return self.policy_hooks.round_length(req_ids, decoding, num_speculative_tokens,
                                               int(context.sum()),
-                                              self.catch_up.stale.behind(req_ids, computed))
+                                              self.catch_up.stale.behind(req_ids, computed),
+                                              self._rows_with_a_choice(computed, prompt_lens))
 
     def _skips_round(self, metadata, round_length: int) -> bool:
         """Whether this round runs no draft forward (`DraftCatchUp.skips`).

@@ -35,14 +35,19 @@ class PolicyHooks:
         self.timings = StepTimings(self.policy, StepClock(device))
         self.tensor_parallel = tensor_parallel
         self.picks: dict[str, int] = {}
+        # This round's rows with a choice of context, and whether each drafts
+        # over a working cache (`round_length`).
+        self.round_contexts = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         self.scheduled_drafts: dict[str, int] = {}
         logger.info(
             "SpecExtend: per-request speculation policy on: each request drafts 0 to %d "
             "tokens a round, from its acceptance by draft position and the measured "
             "costs of target steps and draft forwards (%d warm-up rounds; a request "
             "that stepped aside probes with one draft every %d rounds, waiting up to %d "
-            "after failed probes)", max_drafts, self.policy.warmup_rounds,
-            self.policy.probe_every, self.policy.max_probe_every)
+            "after failed probes, longer where failed probes would take more than %.0f%% "
+            "of the time)", max_drafts, self.policy.warmup_rounds,
+            self.policy.probe_every, self.policy.max_probe_every,
+            100 * self.policy.probe_budget)
 
     # engine step: execute_model ... sample_tokens (drafting round inside)
     def step_began(self, scheduler_output) -> None:
@@ -53,28 +58,29 @@ class PolicyHooks:
         self.timings.step_began(sum(self.scheduled_drafts.values()), decode_only)
 
     def round_length(self, req_ids: list[str], decoding: np.ndarray, round_cap: int,
-                     context_tokens: int, draft_behind: bool) -> int:
-        """Pick every request's draft length; the round runs the longest."""
-        picks = self._from_rank_zero(self.policy.pick(req_ids, decoding, round_cap,
-                                                      context_tokens, draft_behind))
+                     context_tokens: int, draft_behind: bool, choosing: np.ndarray) -> int:
+        """Pick every request's draft length, and the context of the rows in
+        `choosing` (requests with a choice of context); the round runs the
+        longest pick."""
+        picks = self.policy.pick(req_ids, decoding, round_cap, context_tokens, draft_behind)
+        wants = self.policy.context.wants_working_cache([req_ids[row] for row in choosing])
+        picks, wants = self._from_rank_zero((picks, wants))
+        self.round_contexts = (choosing, wants)
         self.picks = dict(zip(req_ids, picks.tolist()))
         self.timings.round_began(context_tokens)
         return int(picks.max(initial=0))
 
-    def wants_working_cache(self, req_ids: list[str]) -> np.ndarray:
-        """Per request with a choice of context: draft over a working cache."""
-        return self._from_rank_zero(self.policy.context.wants_working_cache(req_ids))
-
     def contexts_used(self, req_ids: list[str], used_working_cache: np.ndarray) -> None:
         self.timings.contexts_used(req_ids, used_working_cache)
 
-    def _from_rank_zero(self, decision: np.ndarray) -> np.ndarray:
-        """Costs are timed per rank: every rank runs rank 0's decisions."""
+    def _from_rank_zero(self, decisions: tuple) -> tuple:
+        """Costs are timed per rank: every rank runs rank 0's decisions (one
+        broadcast a round)."""
         if not self.tensor_parallel:
-            return decision
+            return decisions
         from vllm.distributed import get_tp_group
 
-        return get_tp_group().broadcast_object(decision, src=0)
+        return get_tp_group().broadcast_object(decisions, src=0)
 
     def round_ended(self, round_length: int, caught_up: bool = False) -> None:
         self.timings.round_ended(round_length, caught_up)
