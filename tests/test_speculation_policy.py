@@ -201,6 +201,20 @@ def test_steps_aside_and_probes_rarely_while_probes_fail():
     assert policy.counters.probes >= 3
 
 
+def test_failed_probes_keep_to_their_budget_where_a_probe_costs_more_than_a_step():
+    """bf16 at 8K (measured): drafting at all costs 0.16 s over a 0.19 s
+    step, catching up 0.13 s more. Failed probes then wait what the 3%
+    budget allows (51 rounds), past `max_probe_every`."""
+    dear_probes = StepCosts((0.19, 0.35, 0.48, 0.53, 0.66), 0.0)
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4)
+    simulate(policy, lambda step: 0.0, policy.warmup_rounds, costs=dear_probes)
+    policy.catch_up_seconds = 0.13
+    history = simulate(policy, lambda step: 0.0, 400, costs=dear_probes)
+    assert policy.probe_wait["a"] == 51 > policy.max_probe_every
+    probes = sum(1 for picks in history if picks[0])
+    assert probes <= 400 / 51 + 4, probes  # four before the wait grew to it
+
+
 def test_comes_back_when_its_text_turns_predictable():
     policy = SpeculationPolicy(max_drafts=4, max_requests=4)
     history = simulate(policy, lambda step: 0.0 if step < 60 else 0.97, 120)
@@ -230,6 +244,10 @@ def test_requests_not_decoding_draft_nothing_and_a_finished_one_is_forgotten():
     policy = SpeculationPolicy(max_drafts=4, max_requests=2)
     picks = policy.pick(["a", "b"], np.array([True, False]), 4, context_tokens=300)
     assert picks[1] == 0 and picks[0] > 0
+    # The state is a snapshot (an engine in this process hands it over as is).
+    before = policy.state()
+    policy.pick(["a", "b"], np.array([True, False]), 4, context_tokens=300)
+    assert sum(before["policy_picks_by_length"]) == 1
     policy.release("a")
     policy.release("b")
     assert policy.held_requests() == 0

@@ -24,13 +24,16 @@ drafting round, how many tokens every request drafts.
   A probe costs a round that runs the draft (S(1) against S(0): on long
   contexts nearly a second target step) for what its acceptance returns,
   so failed probes may take at most `probe_budget` of the time: the wait
-  after one is the longer of twice the last wait and what the budget
-  allows, from `probe_every` up to `max_probe_every` rounds (the first
-  probe comes after `probe_every`: a request that stepped aside before it
-  drafted did so on other requests' acceptance). An accepted
-  probe brings the next one to the next round, so a request whose text
-  turns predictable (copying, code) comes back within a few rounds of its
-  first accepted probe.
+  after one is twice the last wait up to `max_probe_every` rounds, and
+  never shorter than what the budget allows, up to `longest_probe_wait`
+  (a request's text may turn predictable however dear a probe is). In
+  bf16 at 8K a probe costs about 1.5 target steps: waits capped at 32
+  rounds let failed probes take 5% of the time. The first probe comes
+  after `probe_every`: a request that stepped aside before it drafted
+  did so on other requests' acceptance. An accepted probe brings the
+  next one to the next round, so a request whose text turns predictable
+  (copying, code) comes back within a few rounds of its first accepted
+  probe.
 - Costs of round lengths longer than any pick go unmeasured, and what
   they were measured at (the first rounds, another context) may keep the
   policy from ever drafting further: after `recheck_every` steps without a
@@ -92,7 +95,8 @@ class SpeculationPolicy:
     def __init__(self, max_drafts: int, max_requests: int, decay: float = 0.9,
                  warmup_rounds: int | None = None, probe_every: int = 4,
                  max_probe_every: int = 32, probe_budget: float = 0.03,
-                 recheck_every: int = 32, warmup_longest: int = 2):
+                 recheck_every: int = 32, warmup_longest: int = 2,
+                 longest_probe_wait: int = 128):
         self.max_drafts = max_drafts
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
         self.warmup_longest = min(warmup_longest, max_drafts)
@@ -103,6 +107,7 @@ class SpeculationPolicy:
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_budget = probe_budget
+        self.longest_probe_wait = longest_probe_wait
         self.recheck_every = recheck_every
         self.decay = decay
         self.catch_up_seconds: float | None = None  # decayed mean, once measured
@@ -196,9 +201,9 @@ class SpeculationPolicy:
             if req_id in self.probing:
                 self.probing.discard(req_id)
                 wait = self.probe_wait.get(req_id, self.probe_every)
-                self.probe_wait[req_id] = 1 if hit else min(
-                    max(2 * wait, self._affordable_wait(self.current_costs())),
-                    self.max_probe_every)
+                self.probe_wait[req_id] = 1 if hit else max(
+                    min(2 * wait, self.max_probe_every),
+                    self._affordable_wait(self.current_costs()))
 
     def _affordable_wait(self, costs: StepCosts) -> int:
         """Rounds between failed probes for them to take at most
@@ -208,7 +213,7 @@ class SpeculationPolicy:
         extra = (max(steps[1] - steps[0], 0.0) + (self.catch_up_seconds or 0.0)) / max(
             steps[0], 1e-9)
         wait = int(np.ceil(extra / self.probe_budget))
-        return int(np.clip(wait, self.probe_every, self.max_probe_every))
+        return int(np.clip(wait, self.probe_every, self.longest_probe_wait))
 
     def observe_cost(self, round_length: int, drafts: int, seconds: float,
                      context_tokens: int, caught_up: bool = False) -> None:
@@ -251,7 +256,7 @@ class SpeculationPolicy:
             "policy_cost_rechecks": counters.cost_rechecks,
             "policy_drafts_picked": counters.drafts_picked,
             "policy_mean_pick": counters.mean_pick(),
-            "policy_picks_by_length": counters.picks_by_length,
+            "policy_picks_by_length": list(counters.picks_by_length),  # a snapshot
             "policy_latest_drafting": counters.latest_drafting,
             "policy_latest_stepped_aside": counters.latest_stepped_aside,
             "policy_held_requests": self.held_requests(),
