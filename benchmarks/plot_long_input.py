@@ -131,19 +131,18 @@ def paired_ratios(lines: list[dict]) -> str:
     samples = [r for r in lines if r["kind"] == "sample"]
     methods = list(dict.fromkeys(r["method"] for r in samples))
     base, others = methods[0], methods[1:]
-    speed = {(r["method"],) + run_key(r): r["decode_tokens_per_s"] for r in samples}
-    keys = sorted({run_key(r)[:2] for r in samples})
+    by_sample = defaultdict(lambda: defaultdict(dict))  # (input, sample) -> run -> method
+    for r in samples:
+        by_sample[(r["input"], r["sample"])][r["run"]][r["method"]] = r["decode_tokens_per_s"]
     out = ["", f"Paired: decode tok/s against {base} in the same run, run 0; later runs -> "
            "their median:", "",
            "| input | sample | " + " | ".join(others) + " |", "|---" * (2 + len(others)) + "|"]
     medians = defaultdict(list)
-    for source, sample in keys:
-        runs = sorted({run for (_, s, n, run) in speed if (s, n) == (source, sample)})
+    for (source, sample), runs in sorted(by_sample.items()):
         cells = []
         for method in others:
-            ratios = [speed[(method, source, sample, run)] / speed[(base, source, sample, run)]
-                      for run in runs if (method, source, sample, run) in speed
-                      and (base, source, sample, run) in speed]
+            ratios = [speeds[method] / speeds[base] for _, speeds in sorted(runs.items())
+                      if method in speeds and base in speeds]
             if not ratios:
                 cells.append("-")
                 continue
