@@ -18,8 +18,12 @@ the code before the working cache). "plugin glue" is the drafting round
 less its draft forwards and refreshes. Times are kept per engine step and
 averaged over the decode steps: the prompt runs alone first (max_tokens=1,
 also the warm-up) to count its prefill steps, and the decoding run's steps
-after that many are its decode steps. PYTHONPATH can point at another
-checkout of the plugin to profile it the same way ("before").
+after that many are its decode steps. The decode steps that verified no
+drafts and ran no draft forward (rounds where every request stepped aside,
+with the speculation policy) are averaged apart too ("aside"): beside
+target-only's steps they show what speculation costs a step that does not
+speculate. PYTHONPATH can point at another checkout of the plugin to
+profile it the same way ("before").
 """
 
 from __future__ import annotations
@@ -47,6 +51,20 @@ class StepTimes:
 
     def __init__(self):
         self.steps: list[collections.Counter] = []
+
+    def count_drafts(self, scheduler_class) -> None:
+        """Each step's scheduled drafts (what its target forward verifies)."""
+        original = scheduler_class.schedule
+
+        @functools.wraps(original)
+        def schedule(*args, **kwargs):
+            output = original(*args, **kwargs)
+            if self.steps:
+                self.steps[-1]["drafts verified"] = sum(
+                    len(ids) for ids in output.scheduled_spec_decode_tokens.values())
+            return output
+
+        scheduler_class.schedule = schedule
 
     def time(self, owner, name: str, part: str) -> None:
         original = getattr(owner, name)
@@ -78,6 +96,7 @@ def profile(job: dict) -> dict:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     times = StepTimes()
+    times.count_drafts(Scheduler)
     times.time(Scheduler, "schedule", "scheduler")
     times.time(GPUModelRunner, "_model_forward", "target forward")
     times.time(GPUModelRunner, "_sample", "sampler")
@@ -107,17 +126,35 @@ def profile(job: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     [output] = llm.generate([text], params, use_tqdm=False)
     decode_steps = times.steps[2 * prefill_steps:]  # past the warm-up and its own prefill
-    total = sum(decode_steps, collections.Counter())
-    per_step = {part: 1e3 * seconds / len(decode_steps) for part, seconds in total.items()}
+    aside = [step for step in decode_steps
+             if not step["drafts verified"] and not step["draft forwards"]]
+    return {"prompt_tokens": len(output.prompt_token_ids), "prefill_steps": prefill_steps,
+            "decode_steps": len(decode_steps), **mean_step(decode_steps),
+            "aside": {"steps": len(aside), **mean_step(aside)},
+            "target_forward_ms_by_drafts_verified": forward_by_drafts(decode_steps),
+            "new_tokens": len(output.outputs[0].token_ids)}
+
+
+def forward_by_drafts(steps: list[collections.Counter]) -> dict:
+    """The target forward's mean milliseconds by the drafts its step verified."""
+    by_drafts = collections.defaultdict(list)
+    for step in steps:
+        by_drafts[step["drafts verified"]].append(step["target forward"])
+    return {str(drafts): 1e3 * sum(times) / len(times)
+            for drafts, times in sorted(by_drafts.items())}
+
+
+def mean_step(steps: list[collections.Counter]) -> dict:
+    """Milliseconds per step, by part, over `steps` (none: zeros)."""
+    total = sum(steps, collections.Counter())
+    total.pop("drafts verified", None)
+    per_step = {part: 1e3 * seconds / max(len(steps), 1) for part, seconds in total.items()}
     drafting = per_step.pop("drafting round", 0.0)
     per_step["plugin glue"] = drafting - per_step.get("draft forwards", 0.0) - per_step.get(
         "refresh", 0.0)
-    step = per_step.pop("step")
+    step = per_step.pop("step", 0.0)
     per_step["other"] = step - sum(per_step.values())
-    return {"prompt_tokens": len(output.prompt_token_ids), "prefill_steps": prefill_steps,
-            "decode_steps": len(decode_steps), "step_ms": step,
-            "ms_per_step": {part: per_step.get(part, 0.0) for part in PARTS},
-            "new_tokens": len(output.outputs[0].token_ids)}
+    return {"step_ms": step, "ms_per_step": {part: per_step.get(part, 0.0) for part in PARTS}}
 
 
 def plot(rows: list[dict], path: Path) -> None:

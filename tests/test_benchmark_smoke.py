@@ -134,6 +134,11 @@ def test_profile_step_smoke(tmp_path):
     parts = row["ms_per_step"]
     assert all(ms >= 0 for ms in parts.values()), parts
     assert parts["target forward"] > 0 and parts["draft forwards"] > 0
+    # Steps aside ran no draft forward; every step is counted by its verified drafts.
+    aside = row["aside"]
+    assert 0 <= aside["steps"] <= row["decode_steps"]
+    assert aside["ms_per_step"]["draft forwards"] == 0
+    assert set(row["target_forward_ms_by_drafts_verified"]) <= {str(n) for n in range(5)}
     assert out.with_suffix(".png").stat().st_size > 0
 
 
