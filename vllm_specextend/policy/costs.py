@@ -104,6 +104,7 @@ class MeasuredCosts:
         self._round_length_of_last = None
         self.warmup_rounds_done = 0
         self._context_sum = self._context_weight = 0.0
+        self._current: StepCosts | None = None  # what `current` says until a step is observed
 
     def observe_step(self, round_length: int, drafts: int, seconds: float,
                      context_tokens: int = 0) -> None:
@@ -122,6 +123,7 @@ class MeasuredCosts:
         self.step_weight[round_length] += 1.0
         self.steps += 1
         self.measured_at[round_length] = self.steps
+        self._current = None
 
     def stale(self, round_length: int, horizon: int) -> bool:
         """Whether `round_length` went unmeasured over the last `horizon`
@@ -146,6 +148,12 @@ class MeasuredCosts:
         return self._context_sum / max(self._context_weight, 1e-12)
 
     def current(self) -> StepCosts:
+        """Each round length's cost (asked every round, computed once a step)."""
+        if self._current is None:
+            self._current = self._estimate()
+        return self._current
+
+    def _estimate(self) -> StepCosts:
         measured = self.step_weight > 0
         lengths = np.arange(len(self.step_sum))
         means = np.where(measured, self.step_sum / np.maximum(self.step_weight, 1e-12), 0.0)

@@ -29,30 +29,38 @@ def best_draft_lengths(expected: np.ndarray, costs: StepCosts, max_round: int | 
                        resume_seconds: float = 0.0) -> tuple[np.ndarray, float]:
     """`expected`: [requests, max_drafts + 1]; `resume_seconds`: what a round
     that drafts costs first. Returns each request's draft length (at most
-    `max_round`) and the step's expected tokens per second."""
+    `max_round`) and the step's expected tokens per second. Every round
+    length iterates at once (a handful of array operations a round, not a
+    Python loop over lengths)."""
     num_requests, width = expected.shape
     max_round = width - 1 if max_round is None else min(max_round, width - 1)
     lengths = np.arange(width)
-    best_picks, best_rate = np.zeros(num_requests, dtype=np.int64), -1.0
-    for round_length in range(max_round + 1):
-        allowed = lengths[None, :] <= round_length
-        rate = 0.0
-        for _ in range(DINKELBACH_ITERATIONS):
-            gain = expected - rate * costs.per_verified_token * lengths[None, :]
-            picks = np.where(allowed, gain, -np.inf).argmax(axis=1)
-            rate = _tokens_per_second(expected, picks, costs, resume_seconds)
-        if rate > best_rate + 1e-12:
-            best_picks, best_rate = picks, rate
-    without = _tokens_per_second(expected, np.zeros(num_requests, dtype=np.int64), costs)
-    if best_rate < without * (1 + MIN_GAIN):
+    # [round lengths, 1, drafts]: which draft lengths each round length allows.
+    allowed = (lengths[None, :] <= np.arange(max_round + 1)[:, None])[:, None, :]
+    rates, picks = np.zeros(max_round + 1), None
+    for _ in range(DINKELBACH_ITERATIONS):
+        gain = expected[None] - (rates * costs.per_verified_token)[:, None, None] * lengths
+        previous, picks = picks, np.where(allowed, gain, -np.inf).argmax(axis=2)
+        if previous is not None and np.array_equal(picks, previous):
+            break  # a fixed point: the same picks give the same rates
+        rates = _tokens_per_second(expected, picks, costs, resume_seconds)
+    best = 0  # the shortest round length within noise of the best
+    for round_length in range(1, max_round + 1):
+        if rates[round_length] > rates[best] + 1e-12:
+            best = round_length
+    without = float(rates[0])  # round length 0: nothing drafted, nothing to resume
+    if rates[best] < without * (1 + MIN_GAIN):
         return np.zeros(num_requests, dtype=np.int64), without
-    return best_picks, best_rate
+    return picks[best], float(rates[best])
 
 
 def _tokens_per_second(expected: np.ndarray, picks: np.ndarray, costs: StepCosts,
-                       resume_seconds: float = 0.0) -> float:
-    tokens = expected[np.arange(len(picks)), picks].sum()
-    round_length = int(picks.max(initial=0))
-    seconds = (costs.step_seconds(round_length, int(picks.sum()))
-               + resume_seconds * (round_length > 0))
-    return float(tokens / max(seconds, 1e-9))
+                       resume_seconds: float) -> np.ndarray:
+    """Per row of `picks` ([round lengths, requests]): the step's tokens per
+    second."""
+    tokens = np.take_along_axis(expected[None], picks[..., None], axis=2)[..., 0].sum(axis=1)
+    longest = picks.max(axis=1)
+    seconds = (np.asarray(costs.step_by_round_length)[longest]
+               + costs.per_verified_token * (picks.sum(axis=1) - longest)
+               + resume_seconds * (longest > 0))
+    return tokens / np.maximum(seconds, 1e-9)
