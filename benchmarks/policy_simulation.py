@@ -30,10 +30,8 @@ from vllm_specextend.policy.speculation_policy import SpeculationPolicy
 
 # benchmarks/results/cost_recheck_govreport8K_cpu.jsonl, specextend, sample 1.
 GOVREPORT_8K_COSTS = (0.425, 0.613, 0.796, 1.003, 1.169)
-# The policy before two changes: warm-up rounds of every length up to k;
-# waits between failed probes capped at 32 rounds, past the probe budget.
-VARIANTS = {"default": {}, "warm-up k..0 twice": {"warmup_longest": 4},
-            "probe waits capped at 32": {"longest_probe_wait": 32}}
+# The policy before: acceptance decayed by 0.9 a step (costs still are).
+VARIANTS = {"default": {}, "acceptance decay 0.9 (before)": {"acceptance_decay": 0.9}}
 
 
 def simulate_request(policy_settings: dict, rate: float, steps: int, costs: StepCosts,

@@ -34,6 +34,13 @@ drafting round, how many tokens every request drafts.
   next one to the next round, so a request whose text turns predictable
   (copying, code) comes back within a few rounds of its first accepted
   probe.
+- Acceptance is decayed by `acceptance_decay` a verified step (0.97:
+  about 30 steps' memory; costs keep `decay`). At 0.9 (10 steps) the
+  estimate of a request accepting 70-80% of its drafts swung by about
+  0.2 with chance runs of misses, enough to set it aside, and a request
+  aside learns again only from probes, one token each: in
+  `benchmarks/policy_simulation.py` (bf16 costs at 8K) such requests sat
+  aside for hundreds of rounds.
 - Costs of round lengths longer than any pick go unmeasured, and what
   they were measured at (the first rounds, another context) may keep the
   policy from ever drafting further: after `recheck_every` steps without a
@@ -96,9 +103,9 @@ class SpeculationPolicy:
                  warmup_rounds: int | None = None, probe_every: int = 4,
                  max_probe_every: int = 32, probe_budget: float = 0.03,
                  recheck_every: int = 32, warmup_longest: int = 2,
-                 longest_probe_wait: int = 128):
+                 longest_probe_wait: int = 128, acceptance_decay: float = 0.97):
         self.max_drafts = max_drafts
-        self.acceptance = AcceptanceByPosition(max_requests, max_drafts, decay)
+        self.acceptance = AcceptanceByPosition(max_requests, max_drafts, acceptance_decay)
         self.warmup_longest = min(warmup_longest, max_drafts)
         self.warmup_rounds = (2 * (self.warmup_longest + 1) if warmup_rounds is None
                               else warmup_rounds)
