@@ -22,6 +22,8 @@ every engine must fit in memory beside the others):
   specextend[k=v,...]   an ablation: any SpecExtend setting, e.g.
                         retrieval=false, top_k_chunks=16, refresh_every=8;
                         tree=true drafts trees of tree_nodes nodes (-k unused)
+  METHOD#LABEL          another engine of METHOD (with --paired, `ar ar#2`
+                        measures what two identical engines differ by)
 With --window-tokens N (long outputs: prompts whose answers run long, e.g.
 benchmarks/data/long_output/code_tasks.jsonl, and --max-new-tokens 4096)
 each sample also records vLLM's drafts and accepted tokens per N tokens of
@@ -50,8 +52,10 @@ READY = '{"kind": "ready"}'  # a serving worker's engine has loaded
 
 
 def parse_method(method: str) -> tuple[str, dict]:
-    """'specextend[retrieval=false,top_k_chunks=16]' -> ('specextend', {...})."""
-    name, _, rest = method.partition("[")
+    """'specextend[retrieval=false,top_k_chunks=16]' -> ('specextend', {...});
+    'ar#2' -> ('ar', {}): a second engine of a method, under its own name
+    (an A/A run: what two identical engines differ by)."""
+    name, _, rest = method.split("#")[0].partition("[")
     settings = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
