@@ -51,6 +51,7 @@ def test_written_at_most_once_a_second_unless_forced(tmp_path, monkeypatch):
     monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
     metrics_file = MetricsFile("qwen")
     metrics_file.write({"refreshes": 1})
+    assert not metrics_file.due()  # the worker builds no state to skip
     metrics_file.write({"refreshes": 2})  # within the second: skipped
     assert 'refreshes_total{model_name="qwen"} 1.0' in exposition(tmp_path)
     metrics_file.write({"refreshes": 3}, force=True)  # the last request finished
@@ -60,6 +61,8 @@ def test_written_at_most_once_a_second_unless_forced(tmp_path, monkeypatch):
 def test_nothing_shown_without_an_engine_and_a_vanished_folder_stops_writes(tmp_path,
                                                                             monkeypatch):
     assert "specextend" not in exposition(tmp_path)
+    monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+    assert not MetricsFile("qwen").due(force=True)  # offline: no front end of ours
     monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path / "gone"))
     metrics_file = MetricsFile("qwen")
     metrics_file.write(worker_state(1), force=True)

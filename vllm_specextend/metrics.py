@@ -138,11 +138,17 @@ class MetricsFile:
         self.last_write = -float("inf")
         self.failed = self.path is None  # no front end of ours to read it
 
+    def due(self, force: bool = False) -> bool:
+        """Whether `write` would write now: a front end of ours reads the
+        file, and a second has passed (or `force`). The worker builds its
+        state only then, not every drafting round."""
+        return not self.failed and (
+            force or time.monotonic() - self.last_write >= WRITE_EVERY_S)
+
     def write(self, state: dict, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.failed or (not force and now - self.last_write < WRITE_EVERY_S):
+        if not self.due(force):
             return
-        self.last_write = now
+        self.last_write = time.monotonic()
         values = {key: state[key] for key, *_ in METRICS if key in state}
         if PICKS_KEY in state:
             values[PICKS_KEY] = state[PICKS_KEY]

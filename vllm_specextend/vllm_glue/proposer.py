@@ -349,7 +349,7 @@ class SpecExtendProposer:
     def publish_metrics(self, force: bool = False) -> None:
         """To vLLM's metrics (`metrics.MetricsFile`): at most once a second,
         or now (the last request finished)."""
-        if self.metrics_file is not None:
+        if self.metrics_file is not None and self.metrics_file.due(force):
             self.metrics_file.write(self.request_state(), force)
 
     def _log_allocations(self, scratch) -> None:
