@@ -426,7 +426,6 @@ def test_without_rechecks_stale_costs_keep_it_short():
     assert max(row[0] for row in history[SPELL_STEPS - 8:]) <= 2
 
 
-
 # bf16 at 8K (measured, PG-19): drafting at all costs 70% of a step, each
 # further draft forward a third of one.
 BF16_8K_COSTS = StepCosts((0.196, 0.337, 0.404, 0.484, 0.497), 0.0)

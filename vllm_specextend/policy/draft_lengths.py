@@ -44,7 +44,7 @@ def best_draft_lengths(expected: np.ndarray, costs: StepCosts, max_round: int | 
         if previous is not None and np.array_equal(picks, previous):
             break  # a fixed point: the same picks give the same rates
         rates = _tokens_per_second(expected, picks, costs, resume_seconds)
-    best = 0  # the shortest round length within noise of the best
+    best = 0  # a longer round length only where it beats the shorter ones past rounding
     for round_length in range(1, max_round + 1):
         if rates[round_length] > rates[best] + 1e-12:
             best = round_length
