@@ -17,6 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+DIFFERENT_TEXT = "†"  # marks a paired run whose two outputs differ
+
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -127,29 +129,35 @@ def paired_ratios(lines: list[dict]) -> str:
     by every method in turn, run after run): each method's decode speed
     against the first method's in the same run, the first run (it paid the
     prefill and, for a new engine, its warm-up) apart from the median of the
-    later ones (the prompt cached)."""
+    later ones (the prompt cached). A run whose two outputs differ (bf16
+    rounds with the batch's shape) is marked: its ratio is between two texts."""
     samples = [r for r in lines if r["kind"] == "sample"]
     methods = list(dict.fromkeys(r["method"] for r in samples))
     base, others = methods[0], methods[1:]
     by_sample = defaultdict(lambda: defaultdict(dict))  # (input, sample) -> run -> method
     for r in samples:
-        by_sample[(r["input"], r["sample"])][r["run"]][r["method"]] = r["decode_tokens_per_s"]
+        by_sample[(r["input"], r["sample"])][r["run"]][r["method"]] = r
     out = ["", f"Paired: decode tok/s against {base} in the same run, run 0; later runs -> "
-           "their median:", "",
+           f"their median ({DIFFERENT_TEXT}: the two outputs differ):", "",
            "| input | sample | " + " | ".join(others) + " |", "|---" * (2 + len(others)) + "|"]
     medians = defaultdict(list)
     for (source, sample), runs in sorted(by_sample.items()):
         cells = []
         for method in others:
-            ratios = [speeds[method] / speeds[base] for _, speeds in sorted(runs.items())
-                      if method in speeds and base in speeds]
-            if not ratios:
+            pairs = [(run[method], run[base]) for _, run in sorted(runs.items())
+                     if method in run and base in run]
+            if not pairs:
                 cells.append("-")
                 continue
+            ratios = [ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+                      for ours, theirs in pairs]
+            marks = [DIFFERENT_TEXT if ours["token_ids"] != theirs["token_ids"] else ""
+                     for ours, theirs in pairs]
             later = ratios[1:]
             if later:
                 medians[method].append(statistics.median(later))
-            cells.append(f"{ratios[0]:.2f}x; " + ", ".join(f"{r:.2f}x" for r in later)
+            shown = [f"{r:.2f}x{mark}" for r, mark in zip(ratios, marks)]
+            cells.append(f"{shown[0]}; " + ", ".join(shown[1:])
                          + (f" -> {medians[method][-1]:.2f}x" if later else ""))
         out.append(f"| {source} | {sample} | " + " | ".join(cells) + " |")
     out.append("| mean of medians | | " + " | ".join(

@@ -93,6 +93,20 @@ def test_interleaved_prefill_pairs_engine_by_engine():
     assert rows[-1] == "| geometric mean | | |  |  | 0.995x | |"
 
 
+def test_paired_runs_mark_the_ones_that_decoded_different_text():
+    def sample(method, run, speed, token_ids):
+        return {"kind": "sample", "method": method, "input": "a.jsonl", "sample": 0,
+                "run": run, "decode_tokens_per_s": speed, "token_ids": token_ids}
+
+    lines = [{"kind": "header"}]
+    for run, (ours, theirs, ids) in enumerate([(5.0, 4.0, [1]), (4.4, 4.0, [1]),
+                                               (3.0, 4.0, [2]), (4.0, 4.0, [1])]):
+        lines += [sample("draft_model", run, theirs, [1]), sample("specextend", run, ours, ids)]
+    rows = plot_long_input.paired_ratios(lines).splitlines()
+    assert rows[-2] == "| a.jsonl | 0 | 1.25x; 1.10x, 0.75x†, 1.00x -> 1.00x |"
+    assert rows[-1] == "| mean of medians | | 1.00x |"
+
+
 def test_each_sample_against_the_better_of_ar_and_stock():
     def sample(method, index, speed, policy=None):
         return {"kind": "sample", "method": method, "input": "a.jsonl", "sample": index,
