@@ -5,7 +5,7 @@ import pytest
 
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
 from vllm_specextend.policy.costs import DecayedLinearFit, MeasuredCosts, StepCosts
-from vllm_specextend.policy.draft_lengths import best_draft_lengths
+from vllm_specextend.policy.draft_lengths import MIN_GAIN, best_draft_lengths
 from vllm_specextend.policy.speculation_policy import SpeculationPolicy
 from vllm_specextend.policy.stale_drafts import StaleDrafts
 
@@ -431,12 +431,11 @@ def test_without_rechecks_stale_costs_keep_it_short():
 BF16_8K_COSTS = StepCosts((0.196, 0.337, 0.404, 0.484, 0.497), 0.0)
 
 
-def rounds_aside(acceptance_decay: float, rate: float, seeds: int = 16) -> float:
+def rounds_aside(rate: float, seeds: int = 16, **settings) -> float:
     """The mean fraction of a request's rounds after warm-up spent aside."""
     fractions = []
     for seed in range(seeds):
-        policy = SpeculationPolicy(max_drafts=4, max_requests=4,
-                                   acceptance_decay=acceptance_decay)
+        policy = SpeculationPolicy(max_drafts=4, max_requests=4, **settings)
         history = simulate(policy, lambda step: rate, 300, costs=BF16_8K_COSTS,
                            rng=np.random.default_rng(seed))
         fractions.append(np.mean([picks[0] == 0 for picks in history[policy.warmup_rounds:]]))
@@ -447,6 +446,24 @@ def test_chance_runs_of_misses_set_a_good_request_aside_less_often():
     """Drafts accepted 80% of the time pay 1.3x there. Acceptance remembered
     over about 30 steps (the default), chance runs of misses set such a
     request aside in fewer of its rounds than over 10 (the same draws)."""
-    default = rounds_aside(SpeculationPolicy(1, 1).acceptance.decay, 0.8)
-    assert default < rounds_aside(0.9, 0.8), default
+    default = rounds_aside(0.8)
+    assert default < rounds_aside(0.8, acceptance_decay=0.9), default
     assert default < 0.15
+
+
+def test_a_drafting_request_keeps_drafting_while_it_pays_at_all():
+    """Drafts accepted 70% of the time pay about 9% there. Asked 3% to keep
+    drafting as to start, the request stands aside in more of its rounds
+    than asked only to gain (the same draws)."""
+    default = rounds_aside(0.7)
+    assert default < rounds_aside(0.7, keep_gain=MIN_GAIN) - 0.03, default
+
+
+def test_a_gain_inside_the_noise_keeps_drafting_but_does_not_start_it():
+    """Acceptance 0.3 on costs where one draft returns about 2.4% more than
+    it costs: a batch that drafted keeps drafting, one that stood aside
+    does not start."""
+    costs = step_costs(0.01, 0.0, 0.0, 0.0027, 0.01)
+    expected = constant_rates(0.3)
+    assert best_draft_lengths(expected, costs, min_gain=0.0)[0].tolist() == [1]
+    assert best_draft_lengths(expected, costs)[0].tolist() == [0]

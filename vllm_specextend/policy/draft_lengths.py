@@ -7,9 +7,11 @@ k_i)` seconds, m = max_i k_i: the batch's draft forwards are shared, so the
 round runs as many as the longest pick, and each further draft costs its
 verification. For each round length m the ratio is maximised over k_i <= m
 by Dinkelbach's iteration (each request's best k under the current rate);
-the best m wins, if it beats not speculating at all by `MIN_GAIN`: costs
-are measured with noise, and a gain inside it is no reason to draft (on
-the tiny test pair one draft costs 2% of a step, about its timing noise).
+the best m wins, if it beats not speculating at all by `min_gain`: costs
+are measured with noise, and a gain inside it is no reason to start
+drafting (on the tiny test pair one draft costs 2% of a step, about its
+timing noise). The policy asks `MIN_GAIN` of a batch that stood aside and
+less of one that drafts (`SpeculationPolicy`'s `keep_gain`).
 Where the draft's cache is behind (rounds skipped while every request
 stepped aside), a round that drafts first catches it up, one more draft
 forward: that round's drafts must pay for it too.
@@ -22,16 +24,18 @@ import numpy as np
 from vllm_specextend.policy.costs import StepCosts
 
 DINKELBACH_ITERATIONS = 6
-MIN_GAIN = 0.03  # speculate only where it is expected to be 3% faster than not
+MIN_GAIN = 0.03  # start speculating only where it is expected to be 3% faster
 
 
 def best_draft_lengths(expected: np.ndarray, costs: StepCosts, max_round: int | None = None,
-                       resume_seconds: float = 0.0) -> tuple[np.ndarray, float]:
+                       resume_seconds: float = 0.0,
+                       min_gain: float = MIN_GAIN) -> tuple[np.ndarray, float]:
     """`expected`: [requests, max_drafts + 1]; `resume_seconds`: what a round
-    that drafts costs first. Returns each request's draft length (at most
-    `max_round`) and the step's expected tokens per second. Every round
-    length iterates at once (a handful of array operations a round, not a
-    Python loop over lengths)."""
+    that drafts costs first; `min_gain`: how much faster than not drafting
+    the best round must be expected to be. Returns each request's draft
+    length (at most `max_round`) and the step's expected tokens per second.
+    Every round length iterates at once (a handful of array operations a
+    round, not a Python loop over lengths)."""
     num_requests, width = expected.shape
     max_round = width - 1 if max_round is None else min(max_round, width - 1)
     lengths = np.arange(width)
@@ -49,7 +53,7 @@ def best_draft_lengths(expected: np.ndarray, costs: StepCosts, max_round: int | 
         if rates[round_length] > rates[best] + 1e-12:
             best = round_length
     without = float(rates[0])  # round length 0: nothing drafted, nothing to resume
-    if rates[best] < without * (1 + MIN_GAIN):
+    if best == 0 or rates[best] < without * (1 + min_gain):
         return np.zeros(num_requests, dtype=np.int64), without
     return picks[best], float(rates[best])
 

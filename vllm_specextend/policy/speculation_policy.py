@@ -34,6 +34,17 @@ drafting round, how many tokens every request drafts.
   next one to the next round, so a request whose text turns predictable
   (copying, code) comes back within a few rounds of its first accepted
   probe.
+- A margin both ways: a batch that stood aside in the round before
+  drafts only where that is expected to be `MIN_GAIN` (3%) faster than
+  not (costs and acceptance are measured with noise, and resuming costs
+  a catch-up); one that drafts keeps drafting while it is expected to be
+  `keep_gain` (0) faster. With 3% both ways, a request accepting 70-80%
+  of its drafts where drafting pays 10-30% (bf16 at 8K on our CPUs)
+  stepped aside on chance dips of its estimate, and aside it learns
+  again only from one-token probes: in `benchmarks/policy_simulation.py`
+  on those costs, 400 steps at acceptance 0.8 ran at 0.943x of stock
+  speculation, 0.967x with the band (0.7-0.9: +0.6 to +2.4%; 0.3-0.6:
+  within 0.3%; on fp32 GovReport 8K costs -0.9 to +0.6%).
 - Acceptance is decayed by `acceptance_decay` a verified step (0.97:
   about 30 steps' memory; costs keep `decay`). At 0.9 (10 steps) the
   estimate of a request accepting 70-80% of its drafts swung by about
@@ -59,7 +70,7 @@ import numpy as np
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
 from vllm_specextend.policy.context_choice import ContextChoice
 from vllm_specextend.policy.costs import CostsByContext, MeasuredCosts, StepCosts
-from vllm_specextend.policy.draft_lengths import best_draft_lengths
+from vllm_specextend.policy.draft_lengths import MIN_GAIN, best_draft_lengths
 
 
 @dataclass
@@ -103,8 +114,11 @@ class SpeculationPolicy:
                  warmup_rounds: int | None = None, probe_every: int = 4,
                  max_probe_every: int = 32, probe_budget: float = 0.03,
                  recheck_every: int = 32, warmup_longest: int = 2,
-                 longest_probe_wait: int = 128, acceptance_decay: float = 0.97):
+                 longest_probe_wait: int = 128, acceptance_decay: float = 0.97,
+                 keep_gain: float = 0.0):
         self.max_drafts = max_drafts
+        self.keep_gain = keep_gain
+        self.drafting = False  # whether the latest priced round drafted (probes aside)
         self.acceptance = AcceptanceByPosition(max_requests, max_drafts, acceptance_decay)
         self.warmup_longest = min(warmup_longest, max_drafts)
         self.warmup_rounds = (2 * (self.warmup_longest + 1) if warmup_rounds is None
@@ -151,8 +165,10 @@ class SpeculationPolicy:
             if decoding.any():
                 expected = expected_tokens(self.acceptance.rates(slots[decoding]))
                 resume = (self.catch_up_seconds or 0.0) if draft_behind else 0.0
-                picks[decoding], _ = best_draft_lengths(expected, costs.current(), cap,
-                                                        resume_seconds=resume)
+                picks[decoding], _ = best_draft_lengths(
+                    expected, costs.current(), cap, resume_seconds=resume,
+                    min_gain=self.keep_gain if self.drafting else MIN_GAIN)
+            self.drafting = bool(picks.any())
             picks = self._recheck_cost(picks, costs, cap)  # not a probe's: one token
             picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
