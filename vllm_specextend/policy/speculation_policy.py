@@ -43,7 +43,7 @@ drafting round, how many tokens every request drafts.
   stepped aside on chance dips of its estimate, and aside it learns
   again only from one-token probes: in `benchmarks/policy_simulation.py`
   on those costs, 400 steps at acceptance 0.8 ran at 0.943x of stock
-  speculation, 0.967x with the band (0.7-0.9: +0.6 to +2.4%; 0.3-0.6:
+  speculation, 0.967x with the band (0.7-0.9: +0.1 to +2.4%; 0.3-0.6:
   within 0.3%; on fp32 GovReport 8K costs -0.9 to +0.6%).
 - Acceptance is decayed by `acceptance_decay` a verified step (0.97:
   about 30 steps' memory; costs keep `decay`). At 0.9 (10 steps) the
