@@ -426,6 +426,50 @@ def test_without_rechecks_stale_costs_keep_it_short():
     assert max(row[0] for row in history[SPELL_STEPS - 8:]) <= 2
 
 
+# The warm-up's rounds at 0 timed at 4x a step (a slow spell: in bf16 at 8K
+# an EAGLE-3 head's engine measured S(0) at 0.88 s where a step took 0.2 s).
+SLOW_NOT_DRAFTING = StepCosts((1.2,) + CPU_COSTS_SKIPPING.step_by_round_length[1:],
+                              CPU_COSTS_SKIPPING.per_verified_token)
+
+
+def slow_warmup_not_drafting(step: int) -> StepCosts:
+    return SLOW_NOT_DRAFTING if step < 6 else CPU_COSTS_SKIPPING
+
+
+def drafting_share_after(recheck_every: int, steps: int = 160) -> tuple[float, SpeculationPolicy]:
+    """A head accepting 10% of its drafts after that warm-up: the share of
+    the last 80 rounds that drafted."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4, recheck_every=recheck_every)
+    history = simulate(policy, lambda step: 0.1, steps, costs=slow_warmup_not_drafting)
+    return float(np.mean([row[0] > 0 for row in history[-80:]])), policy
+
+
+def test_not_drafting_measured_dear_once_is_measured_again():
+    """Every round length then looks as dear as not drafting, so drafting
+    looks free and the request drafts 4 tokens a round it does not get.
+    While it drafts, S(0) is never measured; unmeasured for `recheck_every`
+    steps and no cheaper than a round that drafted, it is measured again
+    (a round at 0), and the request steps aside."""
+    share, policy = drafting_share_after(recheck_every=32)
+    assert share <= 0.2, share  # probes
+    assert policy.current_costs().step_by_round_length[0] == pytest.approx(
+        CPU_COSTS_SKIPPING.step_by_round_length[0], rel=0.05)
+    assert policy.counters.cost_rechecks >= 1
+
+
+def test_without_the_recheck_not_drafting_stays_dear():
+    share, _ = drafting_share_after(recheck_every=1000)
+    assert share >= 0.9, share
+
+
+def test_not_drafting_is_not_rechecked_where_it_measured_cheaper():
+    """Where S(0) measured cheaper than every drafting round, a request that
+    drafts keeps drafting: no round at 0 after the warm-up."""
+    policy = SpeculationPolicy(max_drafts=4, max_requests=4, recheck_every=8)
+    history = simulate(policy, lambda step: 0.97, 120, costs=CPU_COSTS_SKIPPING)
+    assert min(row[0] for row in history[policy.warmup_rounds:]) > 0
+
+
 # bf16 at 8K (measured, PG-19): drafting at all costs 70% of a step, each
 # further draft forward a third of one.
 BF16_8K_COSTS = StepCosts((0.196, 0.337, 0.404, 0.484, 0.497), 0.0)

@@ -92,8 +92,8 @@ METRICS = (
     ("policy_probes", "policy_probes", "counter",
      "One-token drafts of requests stepped aside, to see if drafting pays again"),
     ("policy_cost_rechecks", "policy_cost_rechecks", "counter",
-     "Rounds in which a request drafted one token past its pick, to measure again the "
-     "cost of a round length unmeasured too long"),
+     "Rounds run to measure again the cost of a round length unmeasured too long: a "
+     "request drafted one token past its pick, or a batch that drafts stood aside"),
     ("policy_rounds_skipped", "policy_rounds_skipped", "counter",
      "Rounds in which every request stepped aside: no draft forward ran"),
     ("policy_tokens_caught_up", "policy_tokens_caught_up", "counter",

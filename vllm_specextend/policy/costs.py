@@ -130,6 +130,19 @@ class MeasuredCosts:
         steps (it may never have been)."""
         return self.steps - self.measured_at[round_length] > horizon
 
+    def not_drafting_suspect(self) -> bool:
+        """Whether the cost of not drafting, S(0), is unmeasured or measured
+        no cheaper than a round that drafted. Drafting never costs nothing
+        (a draft forward, a verified token), so one of the two is wrong;
+        while the policy drafts, only S(0) is never measured again, and an
+        S(0) measured high once (a slow step in the warm-up) makes every
+        round length look free."""
+        if not self.step_weight[0]:
+            return True
+        measured = self.step_weight[1:] > 0
+        means = self.step_sum / np.maximum(self.step_weight, 1e-12)
+        return bool((means[1:][measured] <= means[0]).any())
+
     def measuring(self, round_length: int) -> None:
         """A round of `round_length` runs to measure it: not stale while its
         cost is on its way (read a step or two later)."""

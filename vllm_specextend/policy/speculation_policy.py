@@ -57,6 +57,12 @@ drafting round, how many tokens every request drafts.
   policy from ever drafting further: after `recheck_every` steps without a
   measure of the length one past the longest pick, the request with the
   longest pick drafts one more token for a round (a cost recheck).
+  The other way: a batch that drafts never measures S(0), and an S(0)
+  measured high once (a slow step in the warm-up: 0.88 s where a step
+  took 0.2 s, an EAGLE-3 head in bf16 at 8K) makes every round length
+  look free. Unmeasured for `recheck_every` steps and no cheaper than a
+  round that drafted, S(0) is measured again: a round that would draft
+  stands aside (`MeasuredCosts.not_drafting_suspect`).
 - Where a request may draft over its whole context or a working cache,
   which one: `context_choice`.
 """
@@ -169,12 +175,26 @@ class SpeculationPolicy:
                     expected, costs.current(), cap, resume_seconds=resume,
                     min_gain=self.keep_gain if self.drafting else MIN_GAIN)
             self.drafting = bool(picks.any())
-            picks = self._recheck_cost(picks, costs, cap)  # not a probe's: one token
-            picks, probes = self._probe(req_ids, picks, decoding)
+            if self._recheck_not_drafting(picks, costs):
+                picks = np.zeros_like(picks)  # no probes either: they would draft
+            else:
+                picks = self._recheck_cost(picks, costs, cap)  # not a probe's: one token
+                picks, probes = self._probe(req_ids, picks, decoding)
         picks = np.where(decoding, picks, 0)
         self.latest_round_warmup = warmup
         self.counters.add(picks[decoding], probes, warmup, self.max_drafts)
         return picks
+
+    def _recheck_not_drafting(self, picks: np.ndarray, costs: MeasuredCosts) -> bool:
+        """Whether this round, which would draft, stands aside instead to
+        measure S(0) again: unmeasured for `recheck_every` steps and no
+        cheaper than drafting (`MeasuredCosts.not_drafting_suspect`)."""
+        if not picks.any() or not costs.stale(0, self.recheck_every) or \
+                not costs.not_drafting_suspect():
+            return False
+        costs.measuring(0)
+        self.counters.cost_rechecks += 1
+        return True
 
     def _recheck_cost(self, picks: np.ndarray, costs: MeasuredCosts, cap: int) -> np.ndarray:
         """One more draft for the request with the longest pick, when the
