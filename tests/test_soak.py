@@ -21,8 +21,8 @@ REQUESTS = 128
 @pytest.fixture(scope="module")
 def report(tiny_pair, tmp_path_factory):
     output = tmp_path_factory.mktemp("soak") / "soak.json"
-    exit_code = soak.main(["--requests", str(REQUESTS), "--concurrency", "16", "--output", str(output),
-                           "--log-dir", str(output.parent)])
+    exit_code = soak.main(["--requests", str(REQUESTS), "--concurrency", "16",
+                           "--output", str(output), "--log-dir", str(output.parent)])
     return exit_code, json.loads(output.read_text())
 
 

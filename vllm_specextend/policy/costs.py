@@ -137,11 +137,10 @@ class MeasuredCosts:
         while the policy drafts, only S(0) is never measured again, and an
         S(0) measured high once (a slow step in the warm-up) makes every
         round length look free."""
-        if not self.step_weight[0]:
+        measured, means = self._measured_means()
+        if not measured[0]:
             return True
-        measured = self.step_weight[1:] > 0
-        means = self.step_sum / np.maximum(self.step_weight, 1e-12)
-        return bool((means[1:][measured] <= means[0]).any())
+        return bool((means[1:][measured[1:]] <= means[0]).any())
 
     def measuring(self, round_length: int) -> None:
         """A round of `round_length` runs to measure it: not stale while its
@@ -166,10 +165,16 @@ class MeasuredCosts:
             self._current = self._estimate()
         return self._current
 
-    def _estimate(self) -> StepCosts:
+    def _measured_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which round lengths were measured, and each one's decayed mean
+        (0 where not)."""
         measured = self.step_weight > 0
+        return measured, np.where(measured,
+                                  self.step_sum / np.maximum(self.step_weight, 1e-12), 0.0)
+
+    def _estimate(self) -> StepCosts:
+        measured, means = self._measured_means()
         lengths = np.arange(len(self.step_sum))
-        means = np.where(measured, self.step_sum / np.maximum(self.step_weight, 1e-12), 0.0)
         known = lengths[measured]
         if len(known) == 0:
             steps = np.zeros(len(lengths))
