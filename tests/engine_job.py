@@ -13,6 +13,7 @@ and the server tests run vLLM's usual process layout end to end.
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -54,6 +55,10 @@ def main(job_path: str, result_path: str) -> None:
         llm.collective_rpc(_record_attention_spans)
     if job.get("record_chunk_choices"):
         llm.collective_rpc(_record_chunk_choices)
+    if job.get("record_draft_inputs"):
+        llm.collective_rpc(_record_draft_inputs)
+    if "slow_target_s" in job:
+        llm.collective_rpc(_slow_target, args=(job["slow_target_s"],))
     if "counter_marks" in job:  # one prompt, step by step
         token_ids, result = _counters_along_output(llm, prompts[0], params,
                                                    job["counter_marks"])
@@ -76,6 +81,8 @@ def main(job_path: str, result_path: str) -> None:
         [result["attention_spans"]] = llm.collective_rpc(_attention_spans_recorded)
     if job.get("record_chunk_choices"):  # one list per tensor-parallel rank
         result["chunk_choices"] = llm.collective_rpc(_chunk_choices_recorded)
+    if job.get("record_draft_inputs"):
+        [result["draft_inputs"]] = llm.collective_rpc(_draft_inputs_recorded)
     if job.get("request_state"):
         result["request_state"] = _state_once_idle(llm)
         result["specextend_metrics"] = specextend_metrics(llm)
@@ -223,6 +230,59 @@ def _record_chunk_choices(worker):
         return kept, num_kept
 
     cross_model_retrieval.select_chunks = recording_select
+
+
+def _slow_target(worker, seconds):
+    """Each forward of the target (not the draft) takes `seconds` longer: a
+    target step costs several draft forwards, as in real pairs, where the
+    tiny target as its own draft costs what the target does."""
+    model = worker.model_runner.model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+
+
+def _record_draft_inputs(worker):
+    """Record, per position (one request), the last input the draft's cache
+    got there: token id, hidden state (an EAGLE head's) and the forward that
+    wrote it: a round's first pass, a catch-up, or a drafting forward."""
+    drafter = worker.model_runner.drafter
+    last = worker.specextend_draft_inputs = {}
+    writer = ["draft"]
+
+    def recording_forward(forward):
+        def method(**inputs):
+            for position, token_id, hidden in zip(inputs["positions"].tolist(),
+                                                  inputs["input_ids"].tolist(),
+                                                  inputs["hidden_states"].tolist()):
+                last[position] = (token_id, writer[0], hidden)
+            if writer[0] == "first_pass":  # the round's later forwards draft
+                writer[0] = "draft"
+            return forward(**inputs)
+        return method
+
+    def as_writer(name, call):
+        def method(*args, **kwargs):
+            writer[0] = name
+            try:
+                return call(*args, **kwargs)
+            finally:
+                writer[0] = "first_pass" if name == "catch_up" else "draft"
+        return method
+
+    drafter.model.forward = recording_forward(drafter.model.forward)
+    drafter.propose = as_writer("first_pass", drafter.propose)
+    if drafter.catch_up is not None:  # the speculation policy's
+        drafter.catch_up.catch_up = as_writer("catch_up", drafter.catch_up.catch_up)
+
+
+def _draft_inputs_recorded(worker):
+    return sorted([position, *entry] for position, entry in
+                  worker.specextend_draft_inputs.items())
 
 
 def _chunk_choices_recorded(worker):

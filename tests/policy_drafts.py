@@ -7,8 +7,7 @@
   proposes another one, and elsewhere the target's own (S's logits are
   only permuted, all below the target's pick). S is the tokens of the
   output's first phase, chosen so that none of them occurs after it: the
-  text turns wholly predictable when the phase ends, and drafting pays
-  again even where a draft forward costs what the target's does.
+  text turns wholly predictable when the phase ends.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
 from vllm_specextend.policy.acceptance import AcceptanceByPosition, expected_tokens
 from vllm_specextend.policy.costs import DecayedLinearFit, MeasuredCosts, StepCosts
 from vllm_specextend.policy.draft_lengths import MIN_GAIN, best_draft_lengths
+from vllm_specextend.policy.skipped_hidden_states import SkippedHiddenStates
 from vllm_specextend.policy.speculation_policy import SpeculationPolicy
 from vllm_specextend.policy.stale_drafts import StaleDrafts
 
@@ -270,6 +272,36 @@ def test_skipped_rounds_leave_the_draft_behind_by_the_tokens_it_did_not_read():
     assert stale.tokens_caught_up == 4 and stale.rounds_skipped == 4
     assert stale.catch_ups == 1  # one forward read both requests' tokens
     assert stale.held_requests() == 0 and not stale.behind(ids, np.array([14, 24]))
+
+
+def test_an_eagle_heads_skipped_round_misses_the_steps_first_token():
+    """An EAGLE head's cache ends a position before a draft model's: one
+    skipped round leaves it behind by the step's own token."""
+    stale = StaleDrafts(max_missing=8, cached_past_computed=0)
+    stale.skip(["a"], np.array([10]))
+    assert stale.behind(["a"], np.array([11]))
+    rows, firsts = stale.take(["a"], np.array([11]))
+    assert rows.tolist() == [0] and firsts.tolist() == [10]
+    assert not StaleDrafts(max_missing=3, cached_past_computed=0).can_skip(
+        ["b"], np.array([50]), np.array([4]))
+
+
+def test_skipped_hidden_states_are_read_back_by_request_and_position():
+    rings = SkippedHiddenStates(max_requests=2, positions=8, hidden_size=3,
+                                dtype=torch.float32, device=torch.device("cpu"))
+    slots = rings.slots_of(["a", "b"])
+    assert sorted(slots.tolist()) == [0, 1] and rings.slots_of(["b"]).tolist() == [slots[1]]
+    # A step: a at positions 14..16, b at 30; then a's rejected 16 replaced.
+    token_slots = torch.tensor([slots[0]] * 3 + [slots[1]])
+    positions = torch.tensor([14, 15, 16, 30])
+    states = torch.arange(12, dtype=torch.float32).view(4, 3)
+    rings.keep(rings.rows_of(token_slots, positions), states)
+    rings.keep(rings.rows_of(token_slots[:1], torch.tensor([16])), -states[:1])
+    assert rings.rows_of(slots[0], 22) == rings.rows_of(slots[0], 14)  # a ring of 8
+    read = rings.read(torch.from_numpy(rings.rows_of(slots[[0, 0, 1]], np.array([14, 16, 30]))))
+    torch.testing.assert_close(read, torch.stack([states[0], -states[0], states[3]]))
+    rings.keep_only({"b"})
+    assert rings.held_requests() == 1 and rings.slots_of(["c"]).tolist() == [slots[0]]
 
 
 def test_no_request_falls_further_behind_than_the_limit():

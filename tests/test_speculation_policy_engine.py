@@ -4,9 +4,11 @@ aside from a draft that accepts nothing, and coming back, not stale, when
 a request's text turns predictable."""
 
 import pytest
+import torch
 
 from conftest import run_engine
 from vllm_specextend.metrics import METRICS
+from vllm_specextend.models.eagle3 import build_random_eagle3_head
 from policy_drafts import (
     PHASED_MAX_TOKENS,
     accepting_nothing,
@@ -16,6 +18,11 @@ from policy_drafts import (
 )
 
 CHAIN_DRAFT_TOKENS = 4
+EAGLE_MAX_TOKENS = 160
+# Added to each target forward of the phased runs: the tiny target as its
+# own draft costs what the target does, so drafting 4 accepted tokens a
+# step paid 7-25% there, within the timing noise of the policy's choice.
+SLOW_TARGET_S = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,8 @@ def phased_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
 @pytest.fixture(scope="module")
 def phased_self_draft(tiny_pair, target_only, first_phase, tmp_path_factory):
     """The target as its own draft, failing the same way: past the first
-    phase every draft is accepted, so coming back pays even where a draft
-    forward costs what the target's does (the tiny pair)."""
+    phase every draft is accepted (the runs slow the target's forward down,
+    so that a draft forward costs less than a target step)."""
     return failing_on(tiny_pair.target, set(target_only[0][:first_phase]),
                       tmp_path_factory.mktemp("phased_self") / "draft")
 
@@ -115,6 +122,50 @@ def test_steps_aside_from_a_draft_that_accepts_nothing(tiny_pair, prompts, targe
 
 
 @pytest.fixture(scope="module")
+def eagle_runs(tiny_pair, prompts, tmp_path_factory):
+    """A random EAGLE-3 head (it accepts nothing) on the 2,500-token prompt
+    (past the head's 2,048 positions: it drafts over a working cache),
+    policy on and off, recording what the head's cache got at each
+    position."""
+    head = build_random_eagle3_head(tiny_pair.target, tmp_path_factory.mktemp("eagle_head"),
+                                    2048)
+    runs = {}
+    for adaptive in (True, False):
+        job = specextend_job(tiny_pair.target, head, [prompts[4]], draft_method="eagle3",
+                             adaptive=adaptive)
+        job.update(max_tokens=EAGLE_MAX_TOKENS, record_draft_inputs=True)
+        runs[adaptive], _ = run_engine(job, tmp_path_factory.mktemp(f"eagle_{adaptive}"))
+    return runs
+
+
+def test_an_eagle_head_skips_rounds_and_catches_up_exactly(eagle_runs, prompts):
+    """Rounds skip the head; each skipped token's hidden state waits for the
+    catch-up, which gives the head's cache at every position the same input
+    as the rounds of the run with the policy off (at p: the token at p + 1
+    and the target's hidden state at p)."""
+    on, off = eagle_runs[True], eagle_runs[False]
+    assert on["token_ids"] == off["token_ids"]
+    state = on["request_state"]
+    assert state["policy_rounds_skipped"] >= EAGLE_MAX_TOKENS / 2, state
+    assert state["working_cache_request_rounds"] > 0
+    assert state["policy_hidden_state_rings"] == 0  # freed with the request
+    inputs_on, inputs_off = ({position: entry for position, *entry in run["draft_inputs"]}
+                             for run in (on, off))
+    caught_up = [position for position, (_, writer, _) in inputs_on.items()
+                 if writer == "catch_up"]
+    assert len(caught_up) >= EAGLE_MAX_TOKENS / 2
+    prompt_len = len(prompts[4])
+    last_verified = prompt_len + EAGLE_MAX_TOKENS - CHAIN_DRAFT_TOKENS - 2
+    for position in range(prompt_len, min(max(caught_up) + 1, last_verified)):
+        token_on, writer_on, hidden_on = inputs_on[position]
+        token_off, writer_off, hidden_off = inputs_off[position]
+        assert writer_on in ("first_pass", "catch_up") and writer_off == "first_pass", position
+        assert token_on == token_off, position
+        torch.testing.assert_close(torch.tensor(hidden_on), torch.tensor(hidden_off),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
 def phased_runs(tiny_pair, prompts, first_phase, phased_self_draft, tmp_path_factory):
     """The phased request alone, policy on and off, with vLLM's counters at
     the end of its first phase, 64 tokens later (failed probes wait up to
@@ -125,6 +176,7 @@ def phased_runs(tiny_pair, prompts, first_phase, phased_self_draft, tmp_path_fac
         job = specextend_job(tiny_pair.target, phased_self_draft, prompts[:1],
                              adaptive=adaptive)
         job["counter_marks"] = marks
+        job["slow_target_s"] = SLOW_TARGET_S
         runs[adaptive], _ = run_engine(job, tmp_path_factory.mktemp(f"phased_{adaptive}"))
     return runs
 

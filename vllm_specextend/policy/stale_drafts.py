@@ -10,10 +10,13 @@ behind; the next round that runs the draft first reads the missed tokens
 back drafts over its whole context (no stale cache, TensorRT-LLM's trap).
 
 Positions: a request with `computed` tokens in the target's cache before
-a step, whose first pass ran in every round so far, has the draft's cache
-current through position `computed` (the token sampled a step earlier,
-written as the first pass's last input). Skipping this round leaves it
-missing everything from `computed + 1` on.
+a step, whose first pass ran in every round so far, has a draft model's
+cache current through position `computed` (the token sampled a step
+earlier, written as the first pass's last input): skipping this round
+leaves it missing everything from `computed + 1` on. An EAGLE head's first
+pass writes position p from the token at p + 1 (and the target's hidden
+state at p): its cache ends one position earlier, at `computed - 1`, and a
+skip misses from `computed` on (`cached_past_computed` 0, not 1).
 """
 
 from __future__ import annotations
@@ -22,22 +25,23 @@ import numpy as np
 
 
 class StaleDrafts:
-    def __init__(self, max_missing: int):
+    def __init__(self, max_missing: int, cached_past_computed: int = 1):
         # The most tokens a request may miss; bounds the catch-up's buffers.
         self.max_missing = max_missing
+        self.cached_past_computed = cached_past_computed
         self.missing_from: dict[str, int] = {}
         self.rounds_skipped = 0
         self.tokens_caught_up = 0
         self.catch_ups = 0  # rounds that first read missed tokens
 
     def _first_missing(self, req_ids: list[str], computed: np.ndarray) -> np.ndarray:
-        return np.array([self.missing_from.get(req_id, count + 1)
+        return np.array([self.missing_from.get(req_id, count + self.cached_past_computed)
                          for req_id, count in zip(req_ids, computed)], dtype=np.int64)
 
     def behind(self, req_ids: list[str], computed: np.ndarray) -> bool:
         """Whether a round that runs the draft now must first read missed
-        tokens (`take` would return rows): one skipped round misses nothing
-        the next first pass does not read."""
+        tokens (`take` would return rows): for a draft model, one skipped
+        round misses nothing the next first pass does not read."""
         return bool((self._first_missing(req_ids, computed) < computed).any())
 
     def can_skip(self, req_ids: list[str], computed: np.ndarray,

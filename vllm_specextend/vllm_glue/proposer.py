@@ -129,7 +129,9 @@ class SpecExtendProposer:
             self.policy_hooks = PolicyHooks(
                 self.speculative_config.num_speculative_tokens, max_requests, device,
                 tensor_parallel=vllm_config.parallel_config.tensor_parallel_size > 1)
-            self.catch_up = DraftCatchUp(self, max_requests, block_size)
+            self.catch_up = DraftCatchUp(self, max_requests,
+                                         self.speculative_config.num_speculative_tokens,
+                                         block_size)
         self.counters = WorkingCacheCounters()
         self.clock = StepClock(device)
         self.refresh_times: list[tuple] = []  # (began, ended) not yet read
@@ -150,7 +152,8 @@ class SpecExtendProposer:
         round_length, caught_up = num_speculative_tokens, False
         if self.policy_hooks is not None:
             round_length = self._policy_round_length(metadata, num_speculative_tokens)
-            if self._skips_round(metadata, round_length):
+            if self._skips_round(metadata, round_length, target_positions,
+                                 vllm_arguments.get("target_hidden_states")):
                 self.policy_hooks.round_ended(0)
                 return self.catch_up.no_drafts(metadata.batch_size())
             caught_up = self._catch_up_draft(metadata)
@@ -297,7 +300,8 @@ class SpecExtendProposer:
                                               self.catch_up.stale.behind(req_ids, computed),
                                               self._rows_with_a_choice(computed, prompt_lens))
 
-    def _skips_round(self, metadata, round_length: int) -> bool:
+    def _skips_round(self, metadata, round_length: int, target_positions: torch.Tensor,
+                     target_hidden_states: torch.Tensor | None) -> bool:
         """Whether this round runs no draft forward (`DraftCatchUp.skips`).
         A skipped round's tokens reach the draft's cache in the next round
         that drafts, before its refresh: the working caches of the batch's
@@ -307,7 +311,8 @@ class SpecExtendProposer:
         req_ids = batch.req_ids[:num_reqs]
         skips = self.catch_up.skips(
             round_length, req_ids, batch.num_computed_tokens_cpu[:num_reqs],
-            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs])
+            self._scheduled_lens(num_reqs), batch.num_prompt_tokens[:num_reqs],
+            target_positions, target_hidden_states)
         if skips and self.owners is not None:
             self.owners.refill_next(req_ids)
         return skips
@@ -330,7 +335,7 @@ class SpecExtendProposer:
             self.owners.release(req_id)
         if self.policy_hooks is not None:
             self.policy_hooks.forget(req_id)
-            self.catch_up.stale.forget(req_id)
+            self.catch_up.forget(req_id)
         self.step.proposed_trees.pop(req_id, None)
         # vLLM dropped it already: with the last one gone, the totals are final.
         self.publish_metrics(force=not self.runner.requests)
@@ -362,6 +367,9 @@ class SpecExtendProposer:
         if scratch:
             size = sum(t.numel() * t.element_size() for pair in scratch.values() for t in pair)
             parts.append(f"tree scratch {size / MIB:.1f} MiB")
+        if self.catch_up is not None and self.catch_up.hidden is not None:
+            parts.append("target hidden states of skipped rounds "
+                         f"{self.catch_up.hidden.nbytes / MIB:.1f} MiB")
         logger.info("SpecExtend: allocated at load, before vLLM sizes its KV cache: %s",
                     "; ".join(parts) or "nothing (no request can pass the draft window)")
 
@@ -372,6 +380,13 @@ class SpecExtendDraftModelProposer(SpecExtendProposer, DraftModelProposer):
 
 class SpecExtendEagleProposer(SpecExtendProposer, EagleProposer):
     """SpecExtend over an EAGLE head."""
+
+    def combined_hidden_states(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The target's hidden states as the head's first pass reads them
+        (an EAGLE-3 head first combines the target's auxiliary layers)."""
+        if self.method == "eagle3":
+            return self.model.combine_hidden_states(target_hidden_states)
+        return target_hidden_states
 
 
 def install_proposer(runner, settings: SpecExtendConfig) -> None:
