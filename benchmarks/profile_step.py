@@ -183,6 +183,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pair", choices=["tiny", "qwen-coder"], default="tiny")
+    parser.add_argument("--draft", help="the draft (or EAGLE head) to use with --pair's target")
     parser.add_argument("--inputs", nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", default=["draft_model", "specextend"])
     parser.add_argument("--label", default="", help="e.g. 'before': kept with each row")
@@ -212,7 +213,7 @@ def main() -> None:
         [text] = load_samples(path, 1)
         for method in args.methods:
             job = {"target": pair.target, "text": text, "dtype": args.dtype,
-                   "speculative_config": speculative_config(method, pair.draft,
+                   "speculative_config": speculative_config(method, args.draft or pair.draft,
                                                             args.num_speculative_tokens),
                    "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib,
                    "max_new_tokens": args.max_new_tokens}
