@@ -233,6 +233,7 @@ def main() -> None:
     out.write_text(json.dumps({"machine": machine(), "dtype": args.dtype,
                                "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
                                                                   "auto"),
+                               "ld_preload": os.environ.get("LD_PRELOAD", ""),
                                "rows": rows}, indent=1))
     plot(rows, out.with_suffix(".png"))
 

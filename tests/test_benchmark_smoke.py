@@ -102,6 +102,18 @@ def test_draft_attention_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_verify_cost_smoke(tmp_path):
+    out = tmp_path / "verify_cost"
+    run("verify_cost.py", "--contexts", 256, 512, "--tokens", 1, 3, "--layers", 2,
+        "--hidden", 256, "--mlp", 512, "--vocab", 1024, "--repeats", 1, "--out", out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 3]
+    assert all(set(r["attention_ms"]) == {"256", "512"} for r in rows)
+    assert all(t > 0 for r in rows for t in [r["layer_matmuls_ms"], r["lm_head_ms"],
+                                              *r["attention_ms"].values()])
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_gpu_kernels_smoke(tmp_path):
     """The GPU evidence script at tiny shapes under TRITON_INTERPRET=1, with
     vLLM and pydantic unimportable, as on the lent GPU machines: every

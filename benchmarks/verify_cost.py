@@ -1,0 +1,150 @@
+"""What verifying drafts costs the target's forward on CPU, by part: vLLM's
+CPU attention kernel over a long context and vLLM's own matrix products
+(the path `dispatch_cpu_unquantized_gemm` picks, oneDNN here), for a step
+of 1 to 8 tokens (the last sampled token and its drafts):
+
+    python benchmarks/verify_cost.py [--contexts 2048 8192] [--tokens 1 2 3 4 8] \
+        --out benchmarks/results/verify_cost_bf16_cpu
+
+Shapes default to Qwen2.5-Coder-1.5B (28 layers, 12 heads, 2 KV heads,
+head_dim 128, hidden 1536, MLP 8960, tied 151,936-token vocabulary). Each
+part runs over four layers' own weights and caches (one layer's would stay
+in the CPU's cache), timed (median of --repeats) and scaled to the layers.
+What a verified draft adds to a step is the difference between rows. CPU
+only; writes JSON (ms per forward, per part) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from kernel_timing import save_results, seconds
+from machine import machine
+
+BLOCK_SIZE = 32
+COPIES = 4  # layers' weights and caches cycled through
+
+
+def linear(out_features: int, in_features: int, dtype: torch.dtype):
+    """A weight behind vLLM's CPU GEMM dispatch, as its linear layers load."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = SimpleNamespace(weight=torch.randn(out_features, in_features, dtype=dtype) * 0.02,
+                            bias=None)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def attention(context: int, tokens: int, args, dtype: torch.dtype):
+    """vLLM's CPU kernel for `tokens` queries at the end of a `context`-token
+    causal context, one call per layer's cache (`COPIES` of them), the
+    metadata built once (per step)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    num_blocks = -(-context // BLOCK_SIZE)
+    isa = _get_attn_isa(dtype, BLOCK_SIZE, args.head_dim, "auto")
+    caches = [torch.randn(num_blocks, args.kv_heads, 2 * BLOCK_SIZE, args.head_dim,
+                          dtype=dtype).chunk(2, dim=2) for _ in range(COPIES)]
+    block_table = torch.randperm(num_blocks, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([context], dtype=torch.int32)
+    query_start_loc = torch.tensor([0, tokens], dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=True)
+    query = torch.randn(tokens, args.heads, args.head_dim, dtype=dtype)
+    output = torch.empty_like(query)
+
+    def layers():
+        for key_cache, value_cache in caches:
+            ops.cpu_attention_with_kv_cache(
+                query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+                query_start_loc=query_start_loc, seq_lens=seq_lens,
+                scale=args.head_dim ** -0.5, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=block_table, softcap=0,
+                scheduler_metadata=metadata, s_aux=None, dynamic_causal=None,
+                k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    return layers
+
+
+def measure(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    q_size, kv_size = args.heads * args.head_dim, args.kv_heads * args.head_dim
+    shapes = [(q_size + 2 * kv_size, args.hidden), (args.hidden, q_size),
+              (2 * args.mlp, args.hidden), (args.hidden, args.mlp)]  # qkv, o, gate_up, down
+    # Distinct weights for `COPIES` layers: one layer's would stay in the cache.
+    layer_linears = [(linear(*shape, dtype), shape[1]) for _ in range(COPIES)
+                     for shape in shapes]
+    lm_head = linear(args.vocab, args.hidden, dtype)
+    cpu = torch.device("cpu")
+    rows = []
+    for tokens in args.tokens:
+        inputs = {width: torch.randn(tokens, width, dtype=dtype) for _, width in layer_linears}
+
+        def matmuls():
+            for f, width in layer_linears:
+                f(inputs[width])
+
+        hidden = torch.randn(tokens, args.hidden, dtype=dtype)
+        per_layer = args.layers / COPIES
+        row = {"tokens": tokens,
+               "layer_matmuls_ms": 1e3 * per_layer * seconds(matmuls, args.repeats, cpu),
+               "lm_head_ms": 1e3 * seconds(lambda: lm_head(hidden), args.repeats, cpu),
+               "attention_ms": {str(context): 1e3 * per_layer * seconds(
+                   attention(context, tokens, args, dtype), args.repeats, cpu)
+                   for context in args.contexts}}
+        print(row, flush=True)
+        rows.append(row)
+    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    return {"machine": machine(), "settings": settings, "rows": rows}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    tokens = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(tokens, [r["layer_matmuls_ms"] for r in rows], "o-", label="layers' matmuls")
+    ax.plot(tokens, [r["lm_head_ms"] for r in rows], "o-", label="lm_head")
+    for context in rows[0]["attention_ms"]:
+        ax.plot(tokens, [r["attention_ms"][context] for r in rows], "o--",
+                label=f"attention, {context}-token context")
+    ax.set_xlabel("tokens in the step (1 + drafts verified)")
+    ax.set_ylabel("ms per forward")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{results['machine']}, {results['settings']['dtype']}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 5, 8])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--mlp", type=int, default=8960)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    save_results(measure(args), Path(args.out), plot)
+
+
+if __name__ == "__main__":
+    main()
