@@ -53,34 +53,37 @@ NUM_SPECULATIVE_TOKENS = 4
 class PackedCache:
     """A layer's cache in vLLM's CPU layout, written and attended by vLLM's ops."""
 
-    def __init__(self, num_blocks, kv_heads, head_dim, heads):
+    def __init__(self, num_blocks, kv_heads, head_dim, heads, dtype=torch.float32):
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backend import AttentionType
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
 
         self.ops, self.heads, self.kv_heads, self.head_dim = ops, heads, kv_heads, head_dim
-        self.isa = _get_attn_isa(torch.float32, BLOCK_SIZE, head_dim, "auto")
+        self.dtype = dtype
+        self.isa = _get_attn_isa(dtype, BLOCK_SIZE, head_dim, "auto")
         self.layer = SimpleNamespace(isa=self.isa, _k_scale_float=1.0, _v_scale_float=1.0)
         self.impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
         self.impl.attn_type, self.impl.kv_cache_dtype = AttentionType.DECODER, "auto"
-        self.cache = torch.zeros(num_blocks, kv_heads, BLOCK_SIZE, 2 * head_dim)
+        self.cache = torch.zeros(num_blocks, kv_heads, BLOCK_SIZE, 2 * head_dim, dtype=dtype)
 
     def write(self, keys, values, slots):
         self.impl.do_kv_cache_update(self.layer, keys, values, self.cache, slots)
 
-    def attention(self, seq_len: int, block_table: torch.Tensor):
-        """A decode call as vLLM's CPU backend makes it (metadata built once
-        per step, outside the per-layer call)."""
+    def attention(self, seq_len: int, block_table: torch.Tensor, tokens: int = 1,
+                  kv_split: bool = False):
+        """A call as vLLM's CPU backend makes it for one request's step of
+        `tokens` queries, the last at `seq_len` (metadata built once per
+        step, outside the per-layer call)."""
         seq_lens = torch.tensor([seq_len], dtype=torch.int32)
-        query_start_loc = torch.tensor([0, 1], dtype=torch.int32)
+        query_start_loc = torch.tensor([0, tokens], dtype=torch.int32)
         metadata = self.ops.cpu_attn_get_scheduler_metadata(
             num_reqs=1, num_heads=self.heads, num_kv_heads=self.kv_heads,
-            head_dim=self.head_dim, seq_lens=seq_lens, dtype=torch.float32,
+            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype,
             query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=self.isa,
-            enable_kv_split=False)
+            enable_kv_split=kv_split)
         key_cache, value_cache = self.cache.view(
             self.cache.shape[0], self.kv_heads, 2 * BLOCK_SIZE, self.head_dim).chunk(2, dim=2)
-        output = torch.empty(1, self.heads, self.head_dim)
+        output = torch.empty(tokens, self.heads, self.head_dim, dtype=self.dtype)
 
         def call(query):
             self.ops.cpu_attention_with_kv_cache(

@@ -22,10 +22,10 @@ from types import SimpleNamespace
 
 import torch
 
+from draft_attention import BLOCK_SIZE, PackedCache
 from kernel_timing import save_results, seconds
 from machine import machine
 
-BLOCK_SIZE = 32
 COPIES = 4  # layers' weights and caches cycled through
 
 
@@ -41,34 +41,20 @@ def linear(out_features: int, in_features: int, dtype: torch.dtype):
 
 def attention(context: int, tokens: int, args, dtype: torch.dtype):
     """vLLM's CPU kernel for `tokens` queries at the end of a `context`-token
-    causal context, one call per layer's cache (`COPIES` of them), the
-    metadata built once (per step)."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
+    causal context, one call per layer's cache (`COPIES` of them), as its
+    CPU backend calls it by default (the KV split on)."""
     num_blocks = -(-context // BLOCK_SIZE)
-    isa = _get_attn_isa(dtype, BLOCK_SIZE, args.head_dim, "auto")
-    caches = [torch.randn(num_blocks, args.kv_heads, 2 * BLOCK_SIZE, args.head_dim,
-                          dtype=dtype).chunk(2, dim=2) for _ in range(COPIES)]
     block_table = torch.randperm(num_blocks, dtype=torch.int32)[None]
-    seq_lens = torch.tensor([context], dtype=torch.int32)
-    query_start_loc = torch.tensor([0, tokens], dtype=torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
-        sliding_window_size=-1, isa=isa, enable_kv_split=True)
     query = torch.randn(tokens, args.heads, args.head_dim, dtype=dtype)
-    output = torch.empty_like(query)
+    calls = []
+    for _ in range(COPIES):
+        cache = PackedCache(num_blocks, args.kv_heads, args.head_dim, args.heads, dtype)
+        cache.cache.normal_()
+        calls.append(cache.attention(context, block_table, tokens, kv_split=True))
 
     def layers():
-        for key_cache, value_cache in caches:
-            ops.cpu_attention_with_kv_cache(
-                query=query, key_cache=key_cache, value_cache=value_cache, output=output,
-                query_start_loc=query_start_loc, seq_lens=seq_lens,
-                scale=args.head_dim ** -0.5, causal=True, alibi_slopes=None,
-                sliding_window=-1, block_table=block_table, softcap=0,
-                scheduler_metadata=metadata, s_aux=None, dynamic_causal=None,
-                k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        for call in calls:
+            call(query)
 
     return layers
 
