@@ -22,7 +22,10 @@ after that many are its decode steps. The decode steps that verified no
 drafts and ran no draft forward (rounds where every request stepped aside,
 with the speculation policy) are averaged apart too ("aside"): beside
 target-only's steps they show what speculation costs a step that does not
-speculate. PYTHONPATH can point at another checkout of the plugin to
+speculate. Where a request's context does not fit the drafter's length
+(stock `eagle3` past its head's positions), vLLM's runner does not call
+the proposer; it schedules drafts of token 0 for the target to verify
+(`zero_filled_drafts_per_step`). PYTHONPATH can point at another checkout of the plugin to
 profile it the same way ("before").
 """
 
@@ -53,15 +56,21 @@ class StepTimes:
         self.steps: list[collections.Counter] = []
 
     def count_drafts(self, scheduler_class) -> None:
-        """Each step's scheduled drafts (what its target forward verifies)."""
+        """Each step's scheduled drafts (what its target forward verifies), and
+        how many of them are placeholders."""
         original = scheduler_class.schedule
 
         @functools.wraps(original)
         def schedule(*args, **kwargs):
             output = original(*args, **kwargs)
             if self.steps:
-                self.steps[-1]["drafts verified"] = sum(
-                    len(ids) for ids in output.scheduled_spec_decode_tokens.values())
+                drafts = output.scheduled_spec_decode_tokens.values()
+                self.steps[-1]["drafts verified"] = sum(len(ids) for ids in drafts)
+                # vLLM's runner fills a request's drafts with token 0 when
+                # its context does not fit the drafter's length: verified,
+                # never proposed.
+                self.steps[-1]["drafts zero-filled"] = sum(
+                    len(ids) for ids in drafts if ids and not any(ids))
             return output
 
         scheduler_class.schedule = schedule
@@ -132,6 +141,8 @@ def profile(job: dict) -> dict:
             "decode_steps": len(decode_steps), **mean_step(decode_steps),
             "aside": {"steps": len(aside), **mean_step(aside)},
             "target_forward_ms_by_drafts_verified": forward_by_drafts(decode_steps),
+            "zero_filled_drafts_per_step": sum(step["drafts zero-filled"] for step in decode_steps)
+            / max(len(decode_steps), 1),
             "new_tokens": len(output.outputs[0].token_ids)}
 
 
@@ -148,6 +159,7 @@ def mean_step(steps: list[collections.Counter]) -> dict:
     """Milliseconds per step, by part, over `steps` (none: zeros)."""
     total = sum(steps, collections.Counter())
     total.pop("drafts verified", None)
+    total.pop("drafts zero-filled", None)
     per_step = {part: 1e3 * seconds / max(len(steps), 1) for part, seconds in total.items()}
     drafting = per_step.pop("drafting round", 0.0)
     per_step["plugin glue"] = drafting - per_step.get("draft forwards", 0.0) - per_step.get(

