@@ -70,14 +70,22 @@ class PackedCache:
         self.impl.do_kv_cache_update(self.layer, keys, values, self.cache, slots)
 
     def attention(self, seq_len: int, block_table: torch.Tensor, tokens: int = 1,
-                  kv_split: bool = False):
+                  kv_split: bool = False, one_token_rows: bool = False):
         """A call as vLLM's CPU backend makes it for one request's step of
         `tokens` queries, the last at `seq_len` (metadata built once per
-        step, outside the per-layer call)."""
-        seq_lens = torch.tensor([seq_len], dtype=torch.int32)
-        query_start_loc = torch.tensor([0, tokens], dtype=torch.int32)
+        step, outside the per-layer call). `one_token_rows`: each query
+        token passed as a request of its own over the same blocks, ending at
+        its own position (the same causal attention; vLLM's scheduler splits
+        the KV across threads only for one-token queries)."""
+        if one_token_rows:
+            seq_lens = torch.arange(seq_len - tokens + 1, seq_len + 1, dtype=torch.int32)
+            query_start_loc = torch.arange(tokens + 1, dtype=torch.int32)
+            block_table = block_table.expand(tokens, -1).contiguous()
+        else:
+            seq_lens = torch.tensor([seq_len], dtype=torch.int32)
+            query_start_loc = torch.tensor([0, tokens], dtype=torch.int32)
         metadata = self.ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=1, num_heads=self.heads, num_kv_heads=self.kv_heads,
+            num_reqs=len(seq_lens), num_heads=self.heads, num_kv_heads=self.kv_heads,
             head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype,
             query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=self.isa,
             enable_kv_split=kv_split)

@@ -10,7 +10,11 @@ Shapes default to Qwen2.5-Coder-1.5B (28 layers, 12 heads, 2 KV heads,
 head_dim 128, hidden 1536, MLP 8960, tied 151,936-token vocabulary). Each
 part runs over four layers' own weights and caches (one layer's would stay
 in the CPU's cache), timed (median of --repeats) and scaled to the layers.
-What a verified draft adds to a step is the difference between rows. CPU
+What a verified draft adds to a step is the difference between rows.
+Attention is also timed with each query token passed as a one-token
+request of its own (`attention_one_token_rows_ms`): vLLM's scheduler
+splits a request's KV across threads only for one-token queries, so a
+step of 2 tokens at batch 1 runs its attention on fewer threads. CPU
 only; writes JSON (ms per forward, per part) and a PNG.
 """
 
@@ -39,24 +43,32 @@ def linear(out_features: int, in_features: int, dtype: torch.dtype):
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
-def attention(context: int, tokens: int, args, dtype: torch.dtype):
+def attention(context: int, tokens: int, args, dtype: torch.dtype) -> dict:
     """vLLM's CPU kernel for `tokens` queries at the end of a `context`-token
     causal context, one call per layer's cache (`COPIES` of them), as its
-    CPU backend calls it by default (the KV split on)."""
+    CPU backend calls it by default (the KV split on: "one request"), and
+    with each query token as a one-token request of its own ("one-token
+    rows"). The two are checked to give the same output."""
     num_blocks = -(-context // BLOCK_SIZE)
     block_table = torch.randperm(num_blocks, dtype=torch.int32)[None]
     query = torch.randn(tokens, args.heads, args.head_dim, dtype=dtype)
-    calls = []
+    caches = []
     for _ in range(COPIES):
         cache = PackedCache(num_blocks, args.kv_heads, args.head_dim, args.heads, dtype)
         cache.cache.normal_()
-        calls.append(cache.attention(context, block_table, tokens, kv_split=True))
+        caches.append(cache)
+    layouts = {}
+    for layout, one_token_rows in (("one request", False), ("one-token rows", True)):
+        calls = [cache.attention(context, block_table, tokens, kv_split=True,
+                                 one_token_rows=one_token_rows) for cache in caches]
+        layouts[layout] = calls
+    for request_call, rows_call in zip(*layouts.values()):
+        torch.testing.assert_close(rows_call(query), request_call(query), atol=2e-2, rtol=2e-2)
 
-    def layers():
-        for call in calls:
-            call(query)
+    def layers(calls):
+        return lambda: [call(query) for call in calls]
 
-    return layers
+    return {layout: layers(calls) for layout, calls in layouts.items()}
 
 
 def measure(args) -> dict:
@@ -79,12 +91,18 @@ def measure(args) -> dict:
 
         hidden = torch.randn(tokens, args.hidden, dtype=dtype)
         per_layer = args.layers / COPIES
+        layouts = {str(context): attention(context, tokens, args, dtype)
+                   for context in args.contexts}
+
+        def attention_ms(layout: str) -> dict:
+            return {context: 1e3 * per_layer * seconds(calls[layout], args.repeats, cpu)
+                    for context, calls in layouts.items()}
+
         row = {"tokens": tokens,
                "layer_matmuls_ms": 1e3 * per_layer * seconds(matmuls, args.repeats, cpu),
                "lm_head_ms": 1e3 * seconds(lambda: lm_head(hidden), args.repeats, cpu),
-               "attention_ms": {str(context): 1e3 * per_layer * seconds(
-                   attention(context, tokens, args, dtype), args.repeats, cpu)
-                   for context in args.contexts}}
+               "attention_ms": attention_ms("one request"),
+               "attention_one_token_rows_ms": attention_ms("one-token rows")}
         print(row, flush=True)
         rows.append(row)
     settings = {key: value for key, value in vars(args).items() if key != "out"}
@@ -102,9 +120,11 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(tokens, [r["layer_matmuls_ms"] for r in rows], "o-", label="layers' matmuls")
     ax.plot(tokens, [r["lm_head_ms"] for r in rows], "o-", label="lm_head")
-    for context in rows[0]["attention_ms"]:
-        ax.plot(tokens, [r["attention_ms"][context] for r in rows], "o--",
+    for index, context in enumerate(rows[0]["attention_ms"]):
+        ax.plot(tokens, [r["attention_ms"][context] for r in rows], "o--", color=f"C{index + 2}",
                 label=f"attention, {context}-token context")
+        ax.plot(tokens, [r["attention_one_token_rows_ms"][context] for r in rows], "x:",
+                color=f"C{index + 2}", label=f"attention, {context}, one-token rows")
     ax.set_xlabel("tokens in the step (1 + drafts verified)")
     ax.set_ylabel("ms per forward")
     ax.set_ylim(bottom=0)
