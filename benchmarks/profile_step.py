@@ -25,8 +25,8 @@ target-only's steps they show what speculation costs a step that does not
 speculate. Where a request's context does not fit the drafter's length
 (stock `eagle3` past its head's positions), vLLM's runner does not call
 the proposer; it schedules drafts of token 0 for the target to verify
-(`zero_filled_drafts_per_step`). PYTHONPATH can point at another checkout of the plugin to
-profile it the same way ("before").
+(`zero_filled_drafts_per_step`). PYTHONPATH can point at another checkout
+of the plugin to profile it the same way ("before").
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pathlib import Path
 from long_input import load_samples, speculative_config
 from machine import machine
 
+DRAFT_COUNTS = ("drafts verified", "drafts zero-filled")  # kept per step beside the seconds
 PARTS = ("scheduler", "target forward", "sampler", "draft forwards", "refresh",
          "plugin glue", "other")
 
@@ -158,8 +159,8 @@ def forward_by_drafts(steps: list[collections.Counter]) -> dict:
 def mean_step(steps: list[collections.Counter]) -> dict:
     """Milliseconds per step, by part, over `steps` (none: zeros)."""
     total = sum(steps, collections.Counter())
-    total.pop("drafts verified", None)
-    total.pop("drafts zero-filled", None)
+    for count in DRAFT_COUNTS:
+        total.pop(count, None)
     per_step = {part: 1e3 * seconds / max(len(steps), 1) for part, seconds in total.items()}
     drafting = per_step.pop("drafting round", 0.0)
     per_step["plugin glue"] = drafting - per_step.get("draft forwards", 0.0) - per_step.get(

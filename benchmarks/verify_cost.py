@@ -57,18 +57,15 @@ def attention(context: int, tokens: int, args, dtype: torch.dtype) -> dict:
         cache = PackedCache(num_blocks, args.kv_heads, args.head_dim, args.heads, dtype)
         cache.cache.normal_()
         caches.append(cache)
-    layouts = {}
-    for layout, one_token_rows in (("one request", False), ("one-token rows", True)):
-        calls = [cache.attention(context, block_table, tokens, kv_split=True,
-                                 one_token_rows=one_token_rows) for cache in caches]
-        layouts[layout] = calls
-    for request_call, rows_call in zip(*layouts.values()):
+    def layer_calls(one_token_rows: bool) -> list:
+        return [cache.attention(context, block_table, tokens, kv_split=True,
+                                one_token_rows=one_token_rows) for cache in caches]
+
+    request_calls, rows_calls = layer_calls(False), layer_calls(True)
+    for request_call, rows_call in zip(request_calls, rows_calls):
         torch.testing.assert_close(rows_call(query), request_call(query), atol=2e-2, rtol=2e-2)
-
-    def layers(calls):
-        return lambda: [call(query) for call in calls]
-
-    return {layout: layers(calls) for layout, calls in layouts.items()}
+    return {"one request": lambda: [call(query) for call in request_calls],
+            "one-token rows": lambda: [call(query) for call in rows_calls]}
 
 
 def measure(args) -> dict:
